@@ -1,0 +1,115 @@
+import pytest
+import torch
+
+from streamgen import Generator, Schedule
+from streamgen.cache import context_layout
+from streamgen.engine import chunk_sizes
+from streamgen.model import Run
+from streamgen.schedule import jump
+
+
+def slow_generate(model, prompt, noise, budgets):
+    """Obviously correct and slow: every step re-runs the transformer over the whole context, no cache.
+
+    The context of chunk k is chunks < k as the FAR layout says (old ones compressed), clean (t = r = 0), mutually
+    chunk-causal; the noisy chunk sees all of it and itself.
+    """
+    cfg = model.config
+    sizes = chunk_sizes(cfg.chunk_partition, noise.shape[2])
+    text = model.encode_text(prompt)
+    finals, start = [], 0
+    for k, size in enumerate(sizes):
+        zero = torch.zeros(noise.shape[0])
+        ctx = [Run(finals[e.chunk], zero, zero, e.first_frame, e.compressed)
+               for e in context_layout(sizes, k, cfg.full_chunk_limit)]
+        n = len(ctx) + 1
+        visible = torch.tensor([[j <= i or i == n - 1 for j in range(n)] for i in range(n)])
+        z = noise[:, :, start:start + size].clone()
+        for t, r in budgets[k]:
+            tt, rr = torch.full((noise.shape[0],), t), torch.full((noise.shape[0],), r)
+            u = model(ctx + [Run(z, tt, rr, start)], text, visible=visible).velocities[-1]
+            z = jump(z, u, t, r)
+        finals.append(z)
+        start += size
+    return torch.cat(finals, dim=2)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 7])
+def test_cached_generator_equals_slow_reference(tiny_model, prompt, steps):
+    noise = torch.randn(1, 16, 8, 16, 16, generator=torch.Generator().manual_seed(steps))
+    with torch.no_grad():
+        fast = Generator(tiny_model).generate(prompt, noise=noise, steps=steps)
+        slow = slow_generate(tiny_model, prompt, noise, [Schedule.from_steps(steps)] * 5)
+    assert fast.shape == noise.shape
+    assert torch.allclose(fast, slow, atol=1e-4, rtol=1e-4), (fast - slow).abs().max()
+
+
+def test_per_chunk_budgets_and_explicit_schedules(tiny_model, prompt):
+    noise = torch.randn(1, 16, 8, 16, 16, generator=torch.Generator().manual_seed(0))
+    budgets = [1, Schedule([(1000.0, 600.0), (600.0, 0.0)]), 3, 1, 2]
+    chunks = list(Generator(tiny_model).stream(prompt, noise=noise, steps=budgets))
+    assert [c.steps for c in chunks] == [1, 2, 3, 1, 2]
+    assert [c.first_frame for c in chunks] == [0, 1, 3, 5, 7]
+    with torch.no_grad():
+        slow = slow_generate(tiny_model, prompt, noise,
+                             [b if isinstance(b, Schedule) else Schedule.from_steps(b) for b in budgets])
+    assert torch.allclose(torch.cat([c.latents for c in chunks], 2), slow, atol=1e-4, rtol=1e-4)
+
+
+def test_seed_determinism(tiny_model, prompt):
+    gen = Generator(tiny_model)
+    a = gen.generate(prompt, height=16, width=16, num_frames=5, steps=2, seed=11)
+    b = gen.generate(prompt, height=16, width=16, num_frames=5, steps=2, seed=11)
+    c = gen.generate(prompt, height=16, width=16, num_frames=5, steps=2, seed=12)
+    assert torch.equal(a, b)
+    assert (a - c).abs().mean() > 0.1
+
+
+def test_context_prefill_continues_the_same_video(tiny_model, prompt):
+    """Given the first chunks of a video as context, the rest comes out as when they were generated."""
+    noise = torch.randn(1, 16, 8, 16, 16, generator=torch.Generator().manual_seed(5))
+    gen = Generator(tiny_model)
+    full = gen.generate(prompt, noise=noise, steps=2)
+    chunks = list(gen.stream(prompt, noise=noise, steps=2, context=full[:, :, :3]))
+    assert [c.from_context for c in chunks] == [True, True, False, False, False]
+    assert torch.equal(chunks[0].latents, full[:, :, :1]) and torch.equal(chunks[1].latents, full[:, :, 1:3])
+    assert torch.allclose(torch.cat([c.latents for c in chunks], 2), full, atol=1e-5)
+
+
+def test_batch_rows_are_independent(tiny_model, prompt):
+    noise = torch.randn(2, 16, 3, 16, 16, generator=torch.Generator().manual_seed(9))
+    prompts = torch.cat([prompt, prompt.flip(1)])
+    gen = Generator(tiny_model)
+    both = gen.generate(prompts, noise=noise, steps=2)
+    one = gen.generate(prompts[1:], noise=noise[1:], steps=2)
+    assert torch.allclose(both[1:], one, atol=1e-5)
+
+
+def test_chunk_sizes():
+    assert chunk_sizes([1, 3, 3, 2], 9) == [1, 3, 3, 2]
+    assert chunk_sizes([1, 3, 3, 2], 5) == [1, 3, 1]
+    assert chunk_sizes([1, 3, 3, 2], 13) == [1, 3, 3, 2, 3, 1]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(height=16, width=16, steps=0), "step budget"),
+        (dict(height=16, width=16, steps=[1, 2]), "budgets for 5"),
+        (dict(height=18, width=16), "multiples of the compressed patch"),
+        (dict(height=16, width=16, num_frames=0), "num_frames"),
+        (dict(noise=torch.zeros(1, 4, 8, 16, 16)), "noise must be"),
+        (dict(noise=torch.zeros(1, 16, 8, 16, 16), num_frames=9), "contradicts"),
+        (dict(height=16, width=16, context=torch.zeros(1, 16, 2, 16, 16)), "whole chunks"),
+        (dict(height=16, width=16, num_frames=3, context=torch.zeros(1, 16, 3, 16, 16)), "nothing left"),
+        (dict(), "height and width"),
+    ],
+)
+def test_bad_requests_are_named(tiny_model, prompt, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        next(Generator(tiny_model).stream(prompt, **kwargs))
+
+
+def test_bad_prompt_shape(tiny_model):
+    with pytest.raises(ValueError, match="prompt_embeds"):
+        next(Generator(tiny_model).stream(torch.zeros(1, 8, 31), height=16, width=16))
