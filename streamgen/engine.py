@@ -33,6 +33,13 @@ class LatentChunk:
     denoise_s: float  # seconds spent denoising this chunk
 
 
+def now(device: torch.device) -> float:
+    """Wall-clock seconds once the device's queued work is done, so chunk timings are real."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def chunk_sizes(partition: Sequence[int], num_frames: int) -> list[int]:
     """Split `num_frames` latent frames into chunks following `partition`, then chunks of its largest size."""
     if num_frames < 1:
@@ -56,11 +63,6 @@ class Generator:
     @property
     def default_frames(self) -> int:
         return sum(self.model.config.chunk_partition)
-
-    def _sync(self) -> float:
-        if self.model.device.type == "cuda":
-            torch.cuda.synchronize(self.model.device)
-        return time.perf_counter()
 
     @torch.no_grad()
     def stream(
@@ -129,12 +131,12 @@ class Generator:
         final: dict[int, Tensor] = {}
 
         for k, (size, start) in enumerate(zip(sizes, starts)):
-            t0 = self._sync()
+            t0 = now(device)
             if k:
                 cache.refresh(layouts[k - 1], final.__getitem__, text)
                 for old in [c for c in final if c <= k - cfg.full_chunk_limit]:
                     del final[old]
-            t1 = self._sync()
+            t1 = now(device)
             if k < num_context:
                 z, schedule = context[:, :, start:start + size].to(device, torch.float32), None
             else:
@@ -148,7 +150,7 @@ class Generator:
                     rr = torch.full((batch,), r, device=device)
                     u = self.model([Run(z, tt, rr, start)], text, past=past).velocities[0]
                     z = jump(z, u, t, r)
-            t2 = self._sync()
+            t2 = now(device)
             final[k] = z
             yield LatentChunk(k, start, z, 0 if schedule is None else len(schedule), schedule is None, t1 - t0, t2 - t1)
 

@@ -1,0 +1,154 @@
+"""`streamgen` command line: generate a video, describe a checkpoint.
+
+Bad input ends with exit code 2 and one line naming the problem; the output file exists only if the run finished
+(sinks write under a temporary name and rename at the end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from streamgen.checkpoint import CheckpointError, weight_files
+from streamgen.media import MediaError
+from streamgen.pipeline import BUILTIN_DESCRIPTION, SETTINGS_NAME, Pipeline
+from streamgen.sinks import ThreadedSink, open_sink
+from streamgen.text import EmbeddingFile
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class UsageError(Exception):
+    """Bad input: reported in one line, exit code 2."""
+
+
+def _steps(text: str) -> int | list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"steps must be an integer or a comma-separated list, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"step budgets must be >= 1, got {text!r}")
+    return values[0] if len(values) == 1 else values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamgen", description="Causal streaming video generation (AnyFlow).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate a video", description=(
+        "Generate a video chunk by chunk and write it as it is made. Without --model, " + BUILTIN_DESCRIPTION + "."))
+    gen.add_argument("--prompt", help="text prompt (with --embeddings: the prompt to look up in the file)")
+    gen.add_argument("--embeddings", type=Path, help="safetensors file of precomputed prompt embeddings")
+    gen.add_argument("--model", type=Path, help="pipeline folder (diffusers layout); default: the built-in model")
+    gen.add_argument("--steps", type=_steps, default=4, help="step budget, or one per generated chunk: 1,2,4,4")
+    gen.add_argument("--frames", type=int, help="number of video frames, 1 + 4k (default: the model's)")
+    gen.add_argument("--height", type=int, help="pixels (default: the model's)")
+    gen.add_argument("--width", type=int, help="pixels (default: the model's)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--image", type=Path, help="image to start from (I2V)")
+    gen.add_argument("--video", type=Path, help="video to continue (V2V)")
+    gen.add_argument("-o", "--output", type=Path, default=Path("out.mp4"),
+                     help=".mp4, .npy, or a folder for PNG frames (default: out.mp4)")
+    gen.add_argument("--fps", type=float, help="frame rate of the output (default: the model's)")
+    gen.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
+    gen.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+
+    info = sub.add_parser("info", help="describe a checkpoint folder")
+    info.add_argument("model", type=Path)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"generate": generate, "info": info}[args.command](args)
+    except (UsageError, ValueError, CheckpointError, MediaError, FileNotFoundError, ImportError) as e:
+        message = str(e).strip().splitlines()
+        print(f"streamgen: error: {message[0] if message else type(e).__name__}", file=sys.stderr)
+        for line in message[1:]:
+            print(f"  {line}", file=sys.stderr)
+        return 2
+
+
+def generate(args: argparse.Namespace) -> int:
+    if args.prompt is None and args.embeddings is None:
+        raise UsageError("give --prompt, or --embeddings (with --prompt to pick one prompt from the file)")
+    if args.image and args.video:
+        raise UsageError("give --image or --video, not both")
+    for path in (args.image, args.video, args.embeddings):
+        if path is not None and not path.is_file():
+            raise UsageError(f"{path}: no such file")
+    if args.model is not None and not args.model.is_dir():
+        raise UsageError(f"{args.model}: no such model folder")
+    start = time.perf_counter()
+    pipe = Pipeline.load(args.model, DTYPES.get(args.dtype), args.device)
+    s = pipe.settings
+    height, width, frames = args.height or s.height, args.width or s.width, args.frames or s.num_frames
+    pipe.latent_size(height, width, frames)  # validate before anything is written
+    if args.embeddings is not None:
+        table = EmbeddingFile(args.embeddings)
+        prompt = table.encode([args.prompt if args.prompt is not None else table.prompts[0]])
+    else:
+        prompt = args.prompt
+    context = None
+    if args.image or args.video:
+        context = pipe.context_from_file(args.image or args.video, height, width, frames)
+    fps = args.fps or s.fps
+    print(f"streamgen: {height}x{width}, {frames} frames, steps {args.steps}, seed {args.seed}, "
+          f"{pipe.transformer.device} {str(pipe.transformer.dtype).removeprefix('torch.')}"
+          + ("" if args.model else " (built-in tiny random model)"), file=sys.stderr)
+
+    first_frame_at, written = None, 0
+    gen_start = time.perf_counter()
+    with ThreadedSink(open_sink(args.output, fps)) as sink:
+        for chunk in pipe.stream(prompt, height=height, width=width, num_frames=frames, steps=args.steps,
+                                 seed=args.seed, context=context):
+            first_frame_at = first_frame_at or time.perf_counter() - gen_start
+            sink.write(chunk.frames[0])
+            written += chunk.frames.shape[1]
+            lat = chunk.latents
+            kind = "context" if lat.from_context else f"{lat.steps} steps"
+            print(f"  chunk {chunk.index}: frames {chunk.first_frame}-{written - 1} ({kind}) cache "
+                  f"{lat.context_s:.3f}s denoise {lat.denoise_s:.3f}s decode {chunk.decode_s:.3f}s", file=sys.stderr)
+    total = time.perf_counter() - gen_start
+    print(f"done: {written} frames -> {args.output}; time to first frame {first_frame_at:.3f}s, total {total:.2f}s, "
+          f"{written / total:.1f} fps ({total / written * 1000:.1f} ms/frame; load {gen_start - start:.2f}s)",
+          file=sys.stderr)
+    return 0
+
+
+def info(args: argparse.Namespace) -> int:
+    root = args.model
+    if not root.is_dir():
+        raise UsageError(f"{root}: no such model folder")
+    report: dict = {"path": str(root.resolve())}
+    for component in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
+        folder = root / component
+        if not folder.is_dir():
+            continue
+        entry: dict = {"files": sorted(p.name for p in folder.iterdir())}
+        if (folder / "config.json").is_file():
+            entry["config"] = json.loads((folder / "config.json").read_text())
+        if any(folder.glob("*.safetensors")):
+            count = 0
+            for path in set(weight_files(folder).values()):
+                with safe_open(path, framework="pt") as f:
+                    count += sum(torch.Size(f.get_slice(k).get_shape()).numel() for k in f.keys())
+            entry["parameters"] = count
+        entry["bytes"] = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+        report[component] = entry
+    if (root / SETTINGS_NAME).is_file():
+        report["settings"] = json.loads((root / SETTINGS_NAME).read_text())
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

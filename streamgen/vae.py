@@ -1,0 +1,540 @@
+"""Wan2.1 video VAE in the diffusers `AutoencoderKLWan` layout, with exact chunk-by-chunk (streaming) coding.
+
+Released checkpoints (`vae/config.json` + `vae/diffusion_pytorch_model.safetensors`) load unchanged: every parameter
+name and shape is diffusers' own (`encoder.down_blocks.0.norm1.gamma`, `decoder.up_blocks.0.upsamplers.0.time_conv`,
+`post_quant_conv`, ...).
+
+Time is causal everywhere, so a video can be coded a chunk of frames at a time and give the frames a whole-video pass
+gives. What each temporal layer sees, written for the whole video (this is what diffusers' frame-by-frame loop with
+its feature cache computes):
+
+- a causal 3D conv with temporal kernel 3 sees its input with two zero frames in front;
+- the decoder's temporal upsampler passes the video's first frame through unchanged and runs its `time_conv` on the
+  remaining frames (again with two zero frames in front), each of which becomes two frames (first half of the output
+  channels, then the second half);
+- the encoder's temporal downsampler passes the first frame through and adds one frame per stride-2 window starting
+  at the first frame, so a 1 + 2m frame input gives 1 + m frames.
+
+Every other layer (RMS norm, SiLU, spatial resampling, per-frame attention) acts on each frame alone. Chunked coding
+keeps, per layer, the last input frames it still needs (`TimeCache`) and runs each layer once over
+[kept frames + chunk], so a chunk of many frames costs one pass per layer rather than one per frame.
+"""
+
+from __future__ import annotations
+
+import os
+from itertools import pairwise
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError, model_validator
+from torch import nn
+
+from streamgen.checkpoint import CheckpointError, component_dir, load_weights, read_config, save_weights
+
+# Per-channel latent statistics of the released Wan2.1 VAE (its config.json carries them too).
+WAN21_LATENTS_MEAN = (
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+)
+WAN21_LATENTS_STD = (
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+)
+
+
+class VaeConfig(BaseModel):
+    """`AutoencoderKLWan` config.json. Architecture fields default to the released Wan2.1 VAE (as in diffusers); the
+    latent statistics are required, because guessing them would silently shift every decoded frame."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    base_dim: PositiveInt = 96
+    decoder_base_dim: PositiveInt | None = None
+    z_dim: PositiveInt = 16
+    dim_mult: list[PositiveInt] = [1, 2, 4, 4]
+    num_res_blocks: PositiveInt = 2
+    attn_scales: list[float] = []
+    temperal_downsample: list[bool] = [False, True, True]  # diffusers' spelling
+    dropout: float = 0.0
+    latents_mean: list[float]
+    latents_std: list[float]
+    in_channels: PositiveInt = 3
+    out_channels: PositiveInt = 3
+    is_residual: bool = False  # True is the Wan2.2 VAE, a different architecture
+    patch_size: int | None = None  # set by the Wan2.2 VAE only
+
+    @model_validator(mode="after")
+    def _consistent(self) -> VaeConfig:
+        if self.is_residual or (self.patch_size or 1) != 1:
+            raise ValueError("is_residual / patch_size describe the Wan2.2 VAE; only the Wan2.1 VAE is supported")
+        if len(self.dim_mult) < 1 or len(self.temperal_downsample) != len(self.dim_mult) - 1:
+            raise ValueError(
+                f"temperal_downsample needs one entry per downsampling stage (len(dim_mult) - 1 = "
+                f"{len(self.dim_mult) - 1}), got {len(self.temperal_downsample)}"
+            )
+        for name in ("latents_mean", "latents_std"):
+            if len(getattr(self, name)) != self.z_dim:
+                raise ValueError(f"{name} has {len(getattr(self, name))} entries, z_dim is {self.z_dim}")
+        if any(s <= 0 for s in self.latents_std):
+            raise ValueError("latents_std entries must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+        return self
+
+    @property
+    def temporal_factor(self) -> int:
+        """Video frames per latent frame (after the first, which maps 1 to 1)."""
+        return 2 ** sum(self.temperal_downsample)
+
+    @property
+    def spatial_factor(self) -> int:
+        return 2 ** (len(self.dim_mult) - 1)
+
+    def to_json_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+
+def preset(name: str) -> VaeConfig:
+    """The released Wan2.1 VAE ("wan2.1", for benchmarks with random weights) and a tiny one for tests ("tiny",
+    16 latent channels like the real one so it pairs with the tiny transformer)."""
+    stats = {"latents_mean": list(WAN21_LATENTS_MEAN), "latents_std": list(WAN21_LATENTS_STD)}
+    presets = {
+        "wan2.1": {"_class_name": "AutoencoderKLWan"},
+        "tiny": {"base_dim": 8, "dim_mult": [1, 2, 2, 2], "num_res_blocks": 1},
+    }
+    if name not in presets:
+        raise KeyError(f"unknown VAE preset {name!r}; known: {', '.join(presets)}")
+    return VaeConfig(**stats, **presets[name])
+
+
+class TimeCache:
+    """What the temporal layers of one encoder or decoder keep between chunks of one video.
+
+    `past[layer]` holds the last input frames that layer still needs; a layer with no entry sees zeros (or, for a
+    resampler, the start of the video). `started` is False until the first chunk has gone through.
+    """
+
+    def __init__(self) -> None:
+        self.past: dict[nn.Module, torch.Tensor] = {}
+        self.started = False
+
+
+def _triple(v: int | tuple[int, int, int]) -> tuple[int, int, int]:
+    return (v, v, v) if isinstance(v, int) else tuple(v)
+
+
+class CausalConv3d(nn.Conv3d):
+    """Conv3d whose temporal padding is all in the past (2 * padding frames); spatial padding is symmetric.
+
+    The past frames are zeros at the video start and the previous chunk's last input frames afterwards, so a video
+    convolved chunk by chunk equals the video convolved at once.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int, int],
+        stride: int | tuple[int, int, int] = 1,
+        padding: int | tuple[int, int, int] = 0,
+    ) -> None:
+        pad_t, pad_h, pad_w = _triple(padding)
+        # Spatial zero padding is left to the conv kernel (saves a padded copy); time padding is done by hand.
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=(0, pad_h, pad_w))
+        self.past_frames = 2 * pad_t
+
+    def forward(self, x: torch.Tensor, cache: TimeCache | None = None) -> torch.Tensor:
+        if self.past_frames:
+            past = cache.past.get(self) if cache is not None else None
+            if past is None:
+                past = x.new_zeros(x.shape[0], x.shape[1], self.past_frames, *x.shape[3:])
+            x = torch.cat([past, x], dim=2)
+            if cache is not None:
+                cache.past[self] = x[:, :, -self.past_frames :].clone()  # clone: don't pin the whole chunk
+        return super().forward(x)
+
+
+class RMSNorm(nn.Module):
+    """Wan's RMS norm over channels (dim 1): unit L2 norm times sqrt(dim) times a learned gain `gamma`."""
+
+    def __init__(self, dim: int, frames: bool = True) -> None:
+        super().__init__()
+        self.scale = dim**0.5
+        self.gamma = nn.Parameter(torch.ones(dim, 1, 1, 1) if frames else torch.ones(dim, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=1) * self.scale * self.gamma
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = RMSNorm(in_dim)
+        self.conv1 = CausalConv3d(in_dim, out_dim, 3, padding=1)
+        self.norm2 = RMSNorm(out_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = CausalConv3d(out_dim, out_dim, 3, padding=1)
+        self.conv_shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+
+    def forward(self, x: torch.Tensor, cache: TimeCache | None = None) -> torch.Tensor:
+        h = self.conv_shortcut(x)
+        x = self.conv1(F.silu(self.norm1(x)), cache)
+        x = self.conv2(self.dropout(F.silu(self.norm2(x))), cache)
+        return x + h
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over the pixels of each frame (no attention across time)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = RMSNorm(dim, frames=False)
+        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor, cache: TimeCache | None = None) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        y = self.norm(x.transpose(1, 2).reshape(b * t, c, h, w))
+        qkv = self.to_qkv(y).flatten(2).transpose(1, 2).unsqueeze(1)  # (b*t, 1, h*w, 3c)
+        q, k, v = qkv.chunk(3, dim=-1)
+        y = F.scaled_dot_product_attention(q, k, v)
+        y = self.proj(y.squeeze(1).transpose(1, 2).reshape(b * t, c, h, w))
+        return x + y.view(b, t, c, h, w).transpose(1, 2)
+
+
+class _NearestUp2x(nn.Module):
+    """2x nearest spatial upsampling (diffusers' nearest-exact, which is plain repetition at an integer scale)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, scale_factor=2.0, mode="nearest-exact")
+
+
+class Resample(nn.Module):
+    """2x spatial up/downsampling per frame, and for the *3d modes 2x in time as well (see the module docstring)."""
+
+    def __init__(self, dim: int, mode: str, upsample_out_dim: int | None = None) -> None:
+        super().__init__()
+        self.mode = mode
+        if mode in ("upsample2d", "upsample3d"):
+            self.resample = nn.Sequential(_NearestUp2x(), nn.Conv2d(dim, upsample_out_dim or dim // 2, 3, padding=1))
+            if mode == "upsample3d":
+                self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
+        elif mode in ("downsample2d", "downsample3d"):
+            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
+            if mode == "downsample3d":
+                self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
+        else:
+            raise ValueError(f"unknown resample mode {mode!r}")
+
+    def forward(self, x: torch.Tensor, cache: TimeCache | None = None) -> torch.Tensor:
+        at_start = cache is None or not cache.started
+        if self.mode == "upsample3d":
+            x = self._double_frames(x, cache, at_start)
+        b, c, t, h, w = x.shape
+        y = self.resample(x.transpose(1, 2).reshape(b * t, c, h, w))
+        x = y.view(b, t, *y.shape[1:]).transpose(1, 2)
+        if self.mode == "downsample3d":
+            x = self._halve_frames(x, cache, at_start)
+        return x
+
+    def _double_frames(self, x: torch.Tensor, cache: TimeCache | None, at_start: bool) -> torch.Tensor:
+        # The video's first frame is not doubled; time_conv's stream starts at the second frame.
+        head, body = (x[:, :, :1], x[:, :, 1:]) if at_start else (None, x)
+        if body.shape[2] == 0:
+            return x
+        y = self.time_conv(body, cache)
+        b, c2, t, h, w = y.shape
+        y = y.view(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c2 // 2, 2 * t, h, w)
+        return y if head is None else torch.cat([head, y], dim=2)
+
+    def _halve_frames(self, x: torch.Tensor, cache: TimeCache | None, at_start: bool) -> torch.Tensor:
+        # Stride-2 windows are aligned to the video's first frame, which is also passed through on its own.
+        if at_start:
+            if x.shape[2] % 2 != 1:
+                raise ValueError(f"temporal downsampling: the first chunk needs an odd frame count, got {x.shape[2]}")
+            out = x[:, :, :1] if x.shape[2] == 1 else torch.cat([x[:, :, :1], self.time_conv(x)], dim=2)
+        else:
+            if x.shape[2] % 2:
+                raise ValueError(f"temporal downsampling: later chunks need an even frame count, got {x.shape[2]}")
+            out = self.time_conv(torch.cat([cache.past[self], x], dim=2))
+        if cache is not None:
+            cache.past[self] = x[:, :, -1:].clone()
+        return out
+
+
+class MidBlock(nn.Module):
+    def __init__(self, dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.attentions = nn.ModuleList([AttentionBlock(dim)])
+        self.resnets = nn.ModuleList([ResidualBlock(dim, dim, dropout), ResidualBlock(dim, dim, dropout)])
+
+    def forward(self, x: torch.Tensor, cache: TimeCache | None = None) -> torch.Tensor:
+        x = self.resnets[0](x, cache)
+        for attn, resnet in zip(self.attentions, self.resnets[1:]):
+            x = resnet(attn(x), cache)
+        return x
+
+
+class Encoder3d(nn.Module):
+    def __init__(self, config: VaeConfig) -> None:
+        super().__init__()
+        dims = [config.base_dim * m for m in [1, *config.dim_mult]]
+        self.conv_in = CausalConv3d(config.in_channels, dims[0], 3, padding=1)
+        blocks: list[nn.Module] = []
+        scale = 1.0
+        last = len(config.dim_mult) - 1
+        for i, (in_dim, out_dim) in enumerate(pairwise(dims)):
+            for _ in range(config.num_res_blocks):
+                blocks.append(ResidualBlock(in_dim, out_dim, config.dropout))
+                if scale in config.attn_scales:
+                    blocks.append(AttentionBlock(out_dim))
+                in_dim = out_dim
+            if i != last:
+                blocks.append(Resample(out_dim, "downsample3d" if config.temperal_downsample[i] else "downsample2d"))
+                scale /= 2.0
+        self.down_blocks = nn.ModuleList(blocks)
+        self.mid_block = MidBlock(dims[-1], config.dropout)
+        self.norm_out = RMSNorm(dims[-1])
+        self.conv_out = CausalConv3d(dims[-1], 2 * config.z_dim, 3, padding=1)  # mean and log-variance
+
+    def forward(self, x: torch.Tensor, cache: TimeCache | None = None) -> torch.Tensor:
+        x = self.conv_in(x, cache)
+        for block in self.down_blocks:
+            x = block(x, cache)
+        x = self.mid_block(x, cache)
+        return self.conv_out(F.silu(self.norm_out(x)), cache)
+
+
+class UpBlock(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int, num_res_blocks: int, dropout: float, mode: str | None) -> None:
+        super().__init__()
+        dims = [in_dim] + [out_dim] * num_res_blocks
+        self.resnets = nn.ModuleList([ResidualBlock(d, out_dim, dropout) for d in dims])
+        self.upsamplers = nn.ModuleList([Resample(out_dim, mode)]) if mode else None
+
+    def forward(self, x: torch.Tensor, cache: TimeCache | None = None) -> torch.Tensor:
+        for resnet in self.resnets:
+            x = resnet(x, cache)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x, cache)
+        return x
+
+
+class Decoder3d(nn.Module):
+    def __init__(self, config: VaeConfig) -> None:
+        super().__init__()
+        base = config.decoder_base_dim or config.base_dim
+        mult = config.dim_mult
+        dims = [base * m for m in [mult[-1], *mult[::-1]]]
+        temporal = config.temperal_downsample[::-1]
+        self.conv_in = CausalConv3d(config.z_dim, dims[0], 3, padding=1)
+        self.mid_block = MidBlock(dims[0], config.dropout)
+        blocks = []
+        for i, (in_dim, out_dim) in enumerate(pairwise(dims)):
+            if i > 0:
+                in_dim //= 2  # the previous block's upsampler halved its channels
+            mode = None if i == len(mult) - 1 else ("upsample3d" if temporal[i] else "upsample2d")
+            blocks.append(UpBlock(in_dim, out_dim, config.num_res_blocks, config.dropout, mode))
+        self.up_blocks = nn.ModuleList(blocks)
+        self.norm_out = RMSNorm(dims[-1])
+        self.conv_out = CausalConv3d(dims[-1], config.out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, cache: TimeCache | None = None) -> torch.Tensor:
+        x = self.mid_block(self.conv_in(x, cache), cache)
+        for block in self.up_blocks:
+            x = block(x, cache)
+        return self.conv_out(F.silu(self.norm_out(x)), cache)
+
+
+class WanVAE(nn.Module):
+    """The Wan2.1 VAE. Latents at its public API are normalised (`(z - latents_mean) / latents_std`), the form the
+    transformer works in; video is (B, C, F, H, W) in [-1, 1]."""
+
+    def __init__(self, config: VaeConfig) -> None:
+        super().__init__()
+        self.config = config
+        z = config.z_dim
+        self.encoder = Encoder3d(config)
+        self.quant_conv = CausalConv3d(2 * z, 2 * z, 1)
+        self.post_quant_conv = CausalConv3d(z, z, 1)
+        self.decoder = Decoder3d(config)
+        self._stats: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.post_quant_conv.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.post_quant_conv.weight.device
+
+    # -- loading -------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    ) -> WanVAE:
+        """Load from a pipeline folder (its `vae/`) or a VAE folder itself, in diffusers layout, strictly."""
+        folder = component_dir(path, "vae")
+        try:
+            config = VaeConfig.model_validate(read_config(folder))
+        except ValidationError as e:
+            raise CheckpointError(f"{folder / 'config.json'}: invalid VAE config\n{e}") from None
+        with torch.device("meta"):
+            vae = cls(config)
+        load_weights(vae, folder, dtype, device)
+        return vae.eval()
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write `config.json` and safetensors weights that diffusers' `AutoencoderKLWan` can read too."""
+        config = self.config.to_json_dict()
+        config.setdefault("_class_name", "AutoencoderKLWan")
+        save_weights(self, Path(folder), config)
+
+    # -- latent normalisation ------------------------------------------------------------------------------------
+
+    def _mean_std(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (z.device, torch.promote_types(z.dtype, torch.float32))  # at least float32 arithmetic
+        if key not in self._stats:  # built once per device: avoids a host-to-device copy on every chunk
+            shape = (1, self.config.z_dim, 1, 1, 1)
+            mean = torch.tensor(self.config.latents_mean, dtype=key[1], device=key[0]).view(shape)
+            std = torch.tensor(self.config.latents_std, dtype=key[1], device=key[0]).view(shape)
+            self._stats[key] = (mean, std)
+        return self._stats[key]
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw VAE latents -> the normalised latents the transformer uses: (z - mean) / std, in >= float32."""
+        mean, std = self._mean_std(z)
+        return ((z.to(mean.dtype) - mean) / std).to(z.dtype)
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Normalised latents -> raw VAE latents: z * std + mean (the spec's convention), in >= float32."""
+        mean, std = self._mean_std(z)
+        return (z.to(mean.dtype) * std + mean).to(z.dtype)
+
+    # -- coding --------------------------------------------------------------------------------------------------
+
+    def stream_encoder(self) -> StreamingEncoder:
+        return StreamingEncoder(self)
+
+    def stream_decoder(self) -> StreamingDecoder:
+        return StreamingDecoder(self)
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor, frames_per_chunk: int | None = 4) -> torch.Tensor:
+        """(B, 3, 1 + 4k, H, W) video in [-1, 1] -> normalised latents (B, z_dim, 1 + k, H/8, W/8), the posterior mean.
+
+        Like Wan, the first frame goes first and then `frames_per_chunk` frames at a time (a multiple of 4), which
+        bounds activation memory; None codes the whole video in one pass. The result does not depend on the chunking.
+        """
+        tf = self.config.temporal_factor
+        if video.ndim != 5 or video.shape[2] % tf != 1 % tf:
+            raise ValueError(f"expected video (B, C, 1 + {tf}k, H, W), got {tuple(video.shape)}")
+        if frames_per_chunk is None:
+            return self._encode_chunk(video, None)
+        return self.stream_encoder().encode_chunks(video, frames_per_chunk)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, latents_per_chunk: int | None = 4) -> torch.Tensor:
+        """Normalised latents (B, z_dim, n, h, w) -> video (B, 3, 1 + 4(n - 1), 8h, 8w) float32 in [-1, 1].
+
+        Decodes `latents_per_chunk` latent frames per pass (bounded memory; None: one pass); the frames do not depend
+        on the chunking.
+        """
+        if latents_per_chunk is None:
+            return self._decode_chunk(latents, None)
+        decoder = self.stream_decoder()
+        return torch.cat([decoder.decode(c) for c in latents.split(latents_per_chunk, dim=2)], dim=2)
+
+    def _encode_chunk(self, video: torch.Tensor, cache: TimeCache | None) -> torch.Tensor:
+        if video.ndim != 5 or video.shape[1] != self.config.in_channels:
+            raise ValueError(f"expected video (B, {self.config.in_channels}, F, H, W), got {tuple(video.shape)}")
+        s = self.config.spatial_factor
+        if video.shape[3] % s or video.shape[4] % s:
+            raise ValueError(f"video height and width must be multiples of {s}, got {tuple(video.shape[3:])}")
+        h = self.encoder(video.to(self.device, self.dtype), cache)
+        z = self.config.z_dim
+        mean = F.conv3d(h, self.quant_conv.weight[:z], self.quant_conv.bias[:z])  # the log-variance half is unused
+        return self.normalize(mean)
+
+    def _decode_chunk(self, latents: torch.Tensor, cache: TimeCache | None) -> torch.Tensor:
+        if latents.ndim != 5 or latents.shape[1] != self.config.z_dim or latents.shape[2] == 0:
+            raise ValueError(f"expected latents (B, {self.config.z_dim}, f >= 1, h, w), got {tuple(latents.shape)}")
+        x = self.denormalize(latents.to(self.device, torch.promote_types(self.dtype, torch.float32))).to(self.dtype)
+        x = self.decoder(self.post_quant_conv(x), cache)
+        return x.float().clamp_(-1.0, 1.0)
+
+
+class StreamingEncoder:
+    """Encodes one video chunk by chunk: the first chunk holds 1 + 4j frames, every later one a multiple of 4."""
+
+    def __init__(self, vae: WanVAE) -> None:
+        self.vae = vae
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the current video; the next chunk starts a new one."""
+        self._cache = TimeCache()
+
+    @torch.no_grad()
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        """Next frames (B, 3, f, H, W) -> their normalised latents (B, z_dim, f', H/8, W/8)."""
+        tf = self.vae.config.temporal_factor
+        f = frames.shape[2] if frames.ndim == 5 else -1
+        first = not self._cache.started
+        if f < 1 or (f - first) % tf:
+            need = f"1 + {tf}j frames (j >= 0)" if first else f"a positive multiple of {tf} frames"
+            which = "first" if first else "later"
+            raise ValueError(f"{which} encoder chunk needs {need}, got shape {tuple(frames.shape)}")
+        out = self.vae._encode_chunk(frames, self._cache)
+        self._cache.started = True
+        return out
+
+    def encode_chunks(self, video: torch.Tensor, frames_per_chunk: int) -> torch.Tensor:
+        """A whole video: the first frame with up to `frames_per_chunk` more, then `frames_per_chunk` at a time."""
+        tf = self.vae.config.temporal_factor
+        if frames_per_chunk < tf or frames_per_chunk % tf:
+            raise ValueError(f"frames_per_chunk must be a positive multiple of {tf}, got {frames_per_chunk}")
+        self.reset()
+        first = 1 + min(frames_per_chunk, max(video.shape[2] - 1, 0))
+        chunks = [video[:, :, :first], *video[:, :, first:].split(frames_per_chunk, dim=2)]
+        return torch.cat([self.encode(c) for c in chunks if c.shape[2]], dim=2)
+
+
+class StreamingDecoder:
+    """Decodes one video chunk by chunk with per-layer causal caches; frames equal a whole-video decode.
+
+    The video's first latent frame gives 1 frame, every later latent frame 4 (for the Wan2.1 factor of 4).
+    """
+
+    def __init__(self, vae: WanVAE) -> None:
+        self.vae = vae
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the current video; the next chunk starts a new one."""
+        self._cache = TimeCache()
+        self.latent_frames = 0
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Next normalised latents (B, z_dim, f, h, w) -> their frames (B, 3, F_out, 8h, 8w), float32 in [-1, 1]."""
+        out = self.vae._decode_chunk(latents, self._cache)
+        self._cache.started = True
+        self.latent_frames += latents.shape[2]
+        return out
+
+
+def to_uint8_frames(frames: torch.Tensor) -> np.ndarray:
+    """Frames in [-1, 1] -> uint8 RGB with channels last, for video sinks.
+
+    (B, 3, F, H, W) -> (B, F, H, W, 3); (3, F, H, W) -> (F, H, W, 3). Values map as round((x + 1) * 127.5) after
+    clamping. The conversion runs on the frames' device, so only uint8 data crosses to the host.
+    """
+    if frames.ndim not in (4, 5) or frames.shape[-4] != 3:
+        raise ValueError(f"expected frames (B, 3, F, H, W) or (3, F, H, W), got {tuple(frames.shape)}")
+    x = frames.detach().float().clamp(-1.0, 1.0).add_(1.0).mul_(127.5).round_().to(torch.uint8)
+    return x.movedim(-4, -1).contiguous().cpu().numpy()
