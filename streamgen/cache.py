@@ -5,6 +5,9 @@ at full resolution. Each entry's keys and values depend only on the entries befo
 chunk-causal), so after a chunk is final the cache keeps the longest unchanged prefix of entries and recomputes only
 the rest: the chunk that just turned compressed and the full window after it. The result is exactly what re-encoding
 the whole prefix gives, at a cost that does not grow with the video.
+
+Keys are stored rotated at their positions, so reading the context costs nothing extra at every step; positions
+can still be re-indexed exactly later by rotating by the offset, since rotations compose.
 """
 
 from __future__ import annotations
@@ -46,7 +49,11 @@ def entry_tokens(model: CausalWanTransformer, e: Entry, height: int, width: int)
 
 class KVCache:
     def __init__(self, model: CausalWanTransformer, batch: int, height: int, width: int, capacity_tokens: int):
-        """Buffers of `capacity_tokens` tokens per layer for a `height` x `width` latent video."""
+        """Buffers of `capacity_tokens` tokens per layer for a `height` x `width` latent video.
+
+        Capacity covers the context plus the tokens of the chunk attending to it: a forward pass writes its own
+        keys and values right after the context (see `Past`).
+        """
         cfg = model.config
         self.model = model
         self.height, self.width = height, width
@@ -55,14 +62,13 @@ class KVCache:
         self.values = torch.zeros(shape, dtype=model.dtype, device=model.device)
         self.entries: list[Entry] = []
         self.length = 0
-        self._rope: tuple[Tensor, Tensor] | None = None
 
     @classmethod
     def for_layouts(cls, model: CausalWanTransformer, batch: int, height: int, width: int,
-                    layouts: Iterable[list[Entry]]) -> KVCache:
-        """A cache just large enough for the largest of `layouts`."""
+                    layouts: Iterable[list[Entry]], chunk_tokens: int) -> KVCache:
+        """A cache just large enough for the largest of `layouts` plus a chunk of `chunk_tokens` attending to it."""
         need = max((sum(entry_tokens(model, e, height, width) for e in layout) for layout in layouts), default=0)
-        return cls(model, batch, height, width, need)
+        return cls(model, batch, height, width, need + chunk_tokens)
 
     @property
     def capacity(self) -> int:
@@ -72,21 +78,10 @@ class KVCache:
         return entry_tokens(self.model, entry, self.height, self.width)
 
     def clear(self) -> None:
-        self.entries, self.length, self._rope = [], 0, None
+        self.entries, self.length = [], 0
 
-    def past(self) -> Past | None:
-        """Views of the filled part of the buffers (no copy), with the rotary tables of its tokens."""
-        if not self.entries:
-            return None
-        if self._rope is None:
-            tables = [self._entry_rope(e) for e in self.entries]
-            self._rope = (torch.cat([c for c, _ in tables]), torch.cat([s for _, s in tables]))
-        n = self.length
-        return Past([k[:, :n] for k in self.keys], [v[:, :n] for v in self.values], *self._rope)
-
-    def _entry_rope(self, e: Entry) -> tuple[Tensor, Tensor]:
-        grid = entry_grid(self.model, e, self.height, self.width)
-        return self.model.rope.run(e.first_frame, grid, e.compressed, self.model.device)
+    def past(self) -> Past:
+        return Past(self.keys, self.values, self.length)
 
     @torch.no_grad()
     def refresh(self, layout: list[Entry], latents_of: Callable[[int], Tensor], text: list) -> int:
@@ -99,24 +94,15 @@ class KVCache:
             keep += 1
         self.entries = self.entries[:keep]
         self.length = sum(self.tokens(e) for e in self.entries)
-        self._rope = None
         todo = layout[keep:]
         if not todo:
             return 0
-        needed = self.length + sum(self.tokens(e) for e in todo)
-        if needed > self.capacity:
-            raise RuntimeError(f"KV cache overflow: layout needs {needed} tokens, buffers hold {self.capacity}")
         batch = self.keys.shape[1]
         zero = torch.zeros(batch, device=self.model.device)
         runs = [Run(latents_of(e.chunk), zero, zero, e.first_frame, e.compressed) for e in todo]
         chunks = torch.tensor([e.chunk for e in todo])
         visible = chunks[None, :] <= chunks[:, None]  # chunk-causal among the recomputed entries
-        out = self.model(runs, text, visible=visible, past=self.past(), want_velocity=False, want_kv=True)
-        n_new = out.keys[0].shape[1]
-        for layer, (k, v) in enumerate(zip(out.keys, out.values)):
-            self.keys[layer, :, self.length:self.length + n_new] = k
-            self.values[layer, :, self.length:self.length + n_new] = v
+        self.model(runs, text, visible=visible, past=self.past(), want_velocity=False)  # writes K/V in place
         self.entries = list(layout)
-        self.length += n_new
-        self._rope = None
+        self.length += sum(self.tokens(e) for e in todo)
         return len(todo)

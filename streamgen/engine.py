@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from streamgen.cache import KVCache, context_layout
+from streamgen.cache import Entry, KVCache, context_layout, entry_tokens
 from streamgen.model import CausalWanTransformer, Run
 from streamgen.schedule import Schedule, as_schedule, jump
 
@@ -127,7 +127,8 @@ class Generator:
 
         text = self.model.encode_text(prompt_embeds.to(device))
         layouts = [context_layout(sizes, k, cfg.full_chunk_limit) for k in range(1, len(sizes))]
-        cache = KVCache.for_layouts(self.model, batch, height, width, layouts)
+        chunk_tokens = max(entry_tokens(self.model, Entry(0, 0, n, False), height, width) for n in sizes)
+        cache = KVCache.for_layouts(self.model, batch, height, width, layouts, chunk_tokens)
         final: dict[int, Tensor] = {}
 
         for k, (size, start) in enumerate(zip(sizes, starts)):

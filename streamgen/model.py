@@ -2,7 +2,7 @@
 
 A forward pass takes *runs*: groups of latent frames that share a time pair (t, r), a start frame and a kind (full
 resolution, or compressed through `far_patch_embedding`). Their tokens attend to each other as a run-level visibility
-matrix allows, and to an optional cached past (keys stored unrotated, rotated here). That one interface serves the
+matrix allows, and to an optional cached past (keys stored already rotated). That one interface serves the
 denoising of a chunk (one noisy run over the cached context), the cache refresh (clean runs, chunk-causal) and
 training (noisy and clean runs with a teacher-forcing mask).
 """
@@ -42,18 +42,22 @@ class Run:
 
 @dataclass
 class Past:
-    """Cached context: per layer unrotated keys and values (B, Lp, H, d), and rotary tables (Lp, d/2)."""
+    """Cached context: per layer key/value buffers (B, capacity, H, d) whose first `length` tokens are the context.
 
-    keys: list[Tensor]
-    values: list[Tensor]
-    cos: Tensor
-    sin: Tensor
+    Keys are stored rotated at their positions. Without autograd, a forward pass writes its new tokens' keys and
+    values into the slot right after the context and attends over one contiguous view (no concatenation); that
+    slot is scratch until the cache commits it.
+    """
+
+    keys: list[Tensor] | Tensor
+    values: list[Tensor] | Tensor
+    length: int
 
 
 @dataclass
 class Output:
     velocities: list[Tensor | None]  # per run: u (B, C, F, H, W) float32, None for compressed runs or when not asked
-    keys: list[Tensor] | None  # per layer: the new tokens' unrotated keys (B, L, H, d), when asked
+    keys: list[Tensor] | None  # per layer: the new tokens' rotated keys (B, L, H, d), when asked
     values: list[Tensor] | None
 
 
@@ -195,19 +199,24 @@ class Block(nn.Module):
         rope: tuple[Tensor, Tensor],
         text_kv: tuple[Tensor, Tensor],
         mask: Mask | None,
-        past: tuple[Tensor, Tensor, Tensor, Tensor] | None,
+        past: tuple[Tensor, Tensor, int] | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Returns the new hidden states and this layer's unrotated keys and values of the new tokens."""
+        """Returns the new hidden states and this layer's (rotated) keys and values of the new tokens."""
         table = self.scale_shift_table.float()
         segments = [Segment(s.start, s.end, s.emb, table + s.mod.float()) for s in segments]
         h = modulated_norm(x, segments, shift=0, scale=1, eps=self.eps)
         q = apply_rotary(self.attn1.query(h), *rope)
         k, v = self.attn1.key_value(h)
-        k_all, v_all = apply_rotary(k, *rope), v
+        k = apply_rotary(k, *rope)
+        k_all, v_all = k, v
         if past is not None:
-            past_k, past_v, cos, sin = past
-            k_all = torch.cat([apply_rotary(past_k, cos, sin), k_all], dim=1)
-            v_all = torch.cat([past_v, v_all], dim=1)
+            k_buf, v_buf, n = past
+            if torch.is_grad_enabled():  # autograd cannot follow writes into a reused buffer
+                k_all, v_all = torch.cat([k_buf[:, :n], k], dim=1), torch.cat([v_buf[:, :n], v], dim=1)
+            else:
+                end = n + k.shape[1]
+                k_buf[:, n:end], v_buf[:, n:end] = k, v
+                k_all, v_all = k_buf[:, :end], v_buf[:, :end]
         x = gated_add(x, self.attn1.out(attention(q, k_all, v_all, mask)), segments, gate=2)
 
         h = self.norm2(x.float()).to(x.dtype) if isinstance(self.norm2, nn.LayerNorm) else x
@@ -291,17 +300,20 @@ class CausalWanTransformer(nn.Module):
             start += n
         x = torch.cat(tokens, dim=1)
         rope = (torch.cat(cos), torch.cat(sin))
+        if past is not None and past.length + x.shape[1] > past.keys[0].shape[1]:
+            raise RuntimeError(f"KV buffers hold {past.keys[0].shape[1]} tokens: too few for {past.length} cached "
+                               f"and {x.shape[1]} new")
 
         mask = None
         if visible is not None and not bool(visible.all()):
-            past_len = 0 if past is None else past.keys[0].shape[1]
+            past_len = 0 if past is None else past.length
             if past_len:
                 visible = torch.cat([torch.ones(len(runs), 1, dtype=torch.bool, device=visible.device), visible], 1)
             mask = Mask.from_runs(visible.to(x.device), lens, ([past_len] if past_len else []) + lens)
 
         keys, values = [], []
         for i, block in enumerate(self.blocks):
-            layer_past = None if past is None else (past.keys[i], past.values[i], past.cos, past.sin)
+            layer_past = None if past is None else (past.keys[i], past.values[i], past.length)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x, k, v = checkpoint(block, x, segments, rope, text[i], mask, layer_past, use_reentrant=False)
             else:

@@ -2,8 +2,7 @@
 
 The head dimension splits into time / height / width parts of `d - 4*(d//6)`, `2*(d//6)`, `2*(d//6)` features, each
 rotated in adjacent pairs at frequencies `theta^(-2j/part)`. A compressed token covers a block of full-resolution
-patches; its phase per axis is the mean of theirs, renormalised to unit modulus. Keys are cached unrotated and
-rotated at read time, so these tables are the only place positions live.
+patches; its phase per axis is the mean of theirs, renormalised to unit modulus.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ import torch
 from wan_reference import rotary_phases, velocity
 
 from streamgen import CausalWanTransformer, preset
-from streamgen.attention import Mask
+from streamgen.attention import Mask, attention
 from streamgen.model import Run
 from streamgen.schedule import jump
 
@@ -107,11 +107,20 @@ def test_bf16_close_to_fp32(tiny_model, prompt):
 def test_mask_from_runs_detects_prefixes():
     causal = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 1, 1]], dtype=torch.bool)
     m = Mask.from_runs(causal, [2, 1, 3], [2, 1, 3])
-    assert m.kv_limit.tolist() == [2, 2, 3, 6, 6, 6]
-    assert m.dense.shape == (6, 6) and m.dense.sum().item() == 2 * 2 + 1 * 3 + 3 * 6
+    assert m.prefix_blocks == [(0, 2, 2), (2, 3, 3), (3, 6, 6)] and m.dense is None
     teacher_forcing = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool)  # run 2 skips run 1
-    m = Mask.from_runs(teacher_forcing, [1, 1, 1], [1, 1, 1])
-    assert m.kv_limit is None and m.dense.tolist() == teacher_forcing.tolist()
+    m = Mask.from_runs(teacher_forcing, [1, 1, 2], [1, 1, 2])
+    assert m.prefix_blocks is None
+    assert m.dense.tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 1], [1, 0, 1, 1]]
+
+
+def test_prefix_blocks_equal_dense_mask():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 6, 2, 8), torch.randn(2, 9, 2, 8), torch.randn(2, 9, 2, 8)
+    visible = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    prefix = Mask.from_runs(visible, [2, 1, 3], [3, 2, 1, 3])
+    dense = visible.repeat_interleave(torch.tensor([2, 1, 3]), 0).repeat_interleave(torch.tensor([3, 2, 1, 3]), 1)
+    assert torch.allclose(attention(q, k, v, prefix), attention(q, k, v, Mask(None, dense)), atol=1e-6)
 
 
 def test_masked_runs_equal_separate_calls(tiny_model, prompt):
