@@ -4,15 +4,49 @@ Masks here say which keys a query may see. Every mask the sampler needs is a per
 sees its whole context; the cache refresh is chunk-causal, and runs are ordered by chunk), so `Mask` keeps such a
 mask as blocks of queries with the key prefix they see: each block is one unmasked attention call over a view,
 which the fastest kernels serve. Other masks (training's teacher forcing) stay dense.
+
+Backends, for 16-bit CUDA tensors: flash-attn when it is installed, else `STREAMGEN_ATTENTION` (`triton`: the
+kernel in `kernels/attention.py`; `sdpa`: torch's scaled_dot_product_attention), else the measured default below.
+Everything else (CPU, fp32, dense masks) runs on SDPA.
 """
 
 from __future__ import annotations
 
+import importlib
+import logging
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+log = logging.getLogger("streamgen")
+
+BACKENDS = ("flash", "triton", "sdpa")
+CUDA_DEFAULT = "sdpa"  # measured faster than the Triton kernel on the H100 (benchmarks/RESULTS.md)
+
+
+def _flash_attn_func():
+    try:
+        return importlib.import_module("flash_attn").flash_attn_func
+    except (ImportError, AttributeError):
+        return None
+
+
+def select_backend(device_type: str, dtype: torch.dtype) -> str:
+    """The backend attention uses for tensors of this device type and dtype."""
+    if device_type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return "sdpa"
+    choice = os.environ.get("STREAMGEN_ATTENTION")
+    if choice is not None and choice not in BACKENDS:
+        raise ValueError(f"STREAMGEN_ATTENTION must be one of {', '.join(BACKENDS)}, got {choice!r}")
+    if choice == "flash" or (choice is None and _flash_attn_func() is not None):
+        if _flash_attn_func() is None:
+            raise ImportError("STREAMGEN_ATTENTION=flash, but flash_attn is not importable: "
+                              "pip install 'streamgen[flash]'")
+        return "flash"
+    return choice or CUDA_DEFAULT
 
 
 @dataclass(frozen=True)
@@ -44,10 +78,25 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor
     return out.transpose(1, 2)
 
 
+def _triton(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    from kernels import chunk_attention
+
+    return chunk_attention(q, k, v)
+
+
+_KERNELS = {"sdpa": _sdpa, "triton": _triton, "flash": lambda q, k, v: _flash_attn_func()(q, k, v)}
+_announced: set[str] = set()
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Mask | None = None) -> Tensor:
     """softmax(q k^T / sqrt(d)) v over (B, L, H, d) tensors; `mask=None` means every query sees every key."""
-    if mask is None:
-        return _sdpa(q, k, v)
-    if mask.prefix_blocks is None:
+    if mask is not None and mask.dense is not None:
         return _sdpa(q, k, v, mask.dense)
-    return torch.cat([_sdpa(q[:, a:b], k[:, :end], v[:, :end]) for a, b, end in mask.prefix_blocks], dim=1)
+    backend = select_backend(q.device.type, q.dtype)
+    if backend not in _announced:
+        _announced.add(backend)
+        log.info("attention backend: %s", backend)
+    kernel = _KERNELS[backend]
+    if mask is None:
+        return kernel(q, k, v)
+    return torch.cat([kernel(q[:, a:b], k[:, :end], v[:, :end]) for a, b, end in mask.prefix_blocks], dim=1)

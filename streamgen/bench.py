@@ -45,11 +45,15 @@ class BudgetResult:
 def random_pipeline(size: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Pipeline:
     """A pipeline of the given transformer preset and the real Wan2.1 VAE, random weights, built on the device."""
     torch.manual_seed(seed)
-    with torch.device(device):
-        transformer = CausalWanTransformer(preset(size)).eval()
-        vae = WanVAE(vae_preset("wan2.1")).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build in the target dtype: a 14B model never exists in fp32
+    try:
+        with torch.device(device):
+            transformer = CausalWanTransformer(preset(size)).eval()
+            vae = WanVAE(vae_preset("wan2.1")).eval()
+    finally:
+        torch.set_default_dtype(default)
     transformer.to_dtype(dtype)
-    vae.to(dtype=dtype)
     return Pipeline(transformer, vae, None, PipelineSettings())
 
 

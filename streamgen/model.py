@@ -28,6 +28,21 @@ from streamgen.rope import RotaryTables, apply_rotary
 # Parameters kept in float32 whatever dtype the model runs in (the names are path components of their keys).
 FP32_MODULES = ("time_embedder", "delta_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
 
+_fused_kernels = True
+
+
+def set_fused_kernels(enabled: bool) -> None:
+    """Use the Triton kernels of `kernels/` for norms, modulation and rotary on CUDA (default) or plain torch.
+
+    The torch path is the reference the benchmark checks the fused one against; autograd always takes it.
+    """
+    global _fused_kernels
+    _fused_kernels = enabled
+
+
+def _fused(x: Tensor) -> bool:
+    return _fused_kernels and x.is_cuda and not torch.is_grad_enabled()
+
 
 @dataclass
 class Run:
@@ -131,11 +146,20 @@ class Attention(nn.Module):
     def split(self, x: Tensor) -> Tensor:
         return x.unflatten(-1, (self.heads, -1))
 
-    def query(self, x: Tensor) -> Tensor:
-        return self.split(rms_norm(self.to_q(x), self.norm_q.weight, self.eps))
+    def norm_rope(self, x: Tensor, weight: Tensor, rope: tuple[Tensor, Tensor] | None) -> Tensor:
+        """RMSNorm across heads (fp32), then rotary if given: (B, L, H*d) -> (B, L, H, d)."""
+        if _fused(x):
+            from kernels import rms_norm_rope
 
-    def key_value(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.split(rms_norm(self.to_k(x), self.norm_k.weight, self.eps)), self.split(self.to_v(x))
+            return rms_norm_rope(x, weight, self.eps, *(rope or (None, None)), self.heads)
+        y = self.split(rms_norm(x, weight, self.eps))
+        return y if rope is None else apply_rotary(y, *rope)
+
+    def query(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        return self.norm_rope(self.to_q(x), self.norm_q.weight, rope)
+
+    def key_value(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        return self.norm_rope(self.to_k(x), self.norm_k.weight, rope), self.split(self.to_v(x))
 
     def out(self, o: Tensor) -> Tensor:
         return self.to_out[0](o.flatten(-2))
@@ -164,6 +188,11 @@ class Segment:
 
 def modulated_norm(x: Tensor, segments: list[Segment], shift: int, scale: int, eps: float) -> Tensor:
     """LayerNorm (fp32, no affine) then `* (1 + scale) + shift`, each segment with its own modulation vectors."""
+    if _fused(x):
+        from kernels import layernorm_modulate
+
+        parts = [layernorm_modulate(x[:, s.start:s.end], s.mod[:, shift], s.mod[:, scale], eps) for s in segments]
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
     normed = F.layer_norm(x.float(), x.shape[-1:], eps=eps)
     parts = [
         normed[:, s.start:s.end] * (1 + s.mod[:, scale, None].float()) + s.mod[:, shift, None].float()
@@ -172,8 +201,24 @@ def modulated_norm(x: Tensor, segments: list[Segment], shift: int, scale: int, e
     return torch.cat(parts, dim=1).to(x.dtype) if len(parts) > 1 else parts[0].to(x.dtype)
 
 
+def affine_norm(x: Tensor, norm: nn.LayerNorm) -> Tensor:
+    """LayerNorm with its affine parameters, in fp32 (fused: the modulation kernel with scale = w - 1, shift = b)."""
+    if _fused(x):
+        from kernels import layernorm_modulate
+
+        return layernorm_modulate(x, norm.bias, norm.weight - 1, norm.eps)
+    return norm(x.float()).to(x.dtype)
+
+
 def gated_add(x: Tensor, y: Tensor, segments: list[Segment], gate: int) -> Tensor:
-    """x + y * gate in fp32, per segment."""
+    """x + y * gate in fp32, per segment (in place on x when fused)."""
+    if _fused(x):
+        from kernels import gated_residual
+
+        for s in segments:
+            part = x[:, s.start:s.end]
+            gated_residual(part, y[:, s.start:s.end], s.mod[:, gate], out=part)
+        return x
     parts = [x[:, s.start:s.end].float() + y[:, s.start:s.end].float() * s.mod[:, gate, None].float()
              for s in segments]
     return torch.cat(parts, dim=1).to(x.dtype) if len(parts) > 1 else parts[0].to(x.dtype)
@@ -205,9 +250,8 @@ class Block(nn.Module):
         table = self.scale_shift_table.float()
         segments = [Segment(s.start, s.end, s.emb, table + s.mod.float()) for s in segments]
         h = modulated_norm(x, segments, shift=0, scale=1, eps=self.eps)
-        q = apply_rotary(self.attn1.query(h), *rope)
-        k, v = self.attn1.key_value(h)
-        k = apply_rotary(k, *rope)
+        q = self.attn1.query(h, rope)
+        k, v = self.attn1.key_value(h, rope)
         k_all, v_all = k, v
         if past is not None:
             k_buf, v_buf, n = past
@@ -219,7 +263,7 @@ class Block(nn.Module):
                 k_all, v_all = k_buf[:, :end], v_buf[:, :end]
         x = gated_add(x, self.attn1.out(attention(q, k_all, v_all, mask)), segments, gate=2)
 
-        h = self.norm2(x.float()).to(x.dtype) if isinstance(self.norm2, nn.LayerNorm) else x
+        h = affine_norm(x, self.norm2) if isinstance(self.norm2, nn.LayerNorm) else x
         x = x + self.attn2.out(attention(self.attn2.query(h), *text_kv))
 
         h = modulated_norm(x, segments, shift=3, scale=4, eps=self.eps)

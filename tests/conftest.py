@@ -1,5 +1,11 @@
-import pytest
+import os
+
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels run on the CPU through its interpreter (set before triton loads)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
 
 from streamgen import CausalWanTransformer, preset
 

@@ -1,0 +1,139 @@
+"""Everything the GPU has to say in one call: kernel checks and speeds, fast-path correctness, stream latency.
+
+    PYTHONPATH=. python benchmarks/gpu.py            # on a CUDA machine; writes JSON and markdown under $OUT
+
+Sections (each can be skipped): kernels (benchmarks/kernels.py), correctness of the fast path against the plain torch
+path on final latents, latency of the 1.3B stream per step budget, attention backends A/B, 14B latency, VAE decode.
+The short table comes last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from streamgen import model as model_module
+from streamgen.bench import markdown, random_pipeline, run_budget
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def correctness(pipe, prompt, steps: int) -> dict:
+    """Final latents of the whole 81-frame stream: fused kernels + default attention vs plain torch + SDPA."""
+    latent_frames, h, w = pipe.latent_size(480, 832, 81)
+    kwargs = dict(height=h, width=w, num_frames=latent_frames, steps=steps, seed=0)
+    fast = pipe.generator.generate(prompt, **kwargs)
+    model_module.set_fused_kernels(False)
+    os.environ["STREAMGEN_ATTENTION"] = "sdpa"
+    try:
+        ref = pipe.generator.generate(prompt, **kwargs)
+    finally:
+        model_module.set_fused_kernels(True)
+        del os.environ["STREAMGEN_ATTENTION"]
+    os.environ["STREAMGEN_ATTENTION"] = "triton"
+    try:
+        triton_attn = pipe.generator.generate(prompt, **kwargs)
+    finally:
+        del os.environ["STREAMGEN_ATTENTION"]
+    return {"steps": steps, "rel_l2_fast_vs_torch": rel_l2(fast, ref), "rel_l2_triton_attention_vs_torch":
+            rel_l2(triton_attn, ref), "finite": bool(torch.isfinite(fast).all())}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--skip", nargs="*", default=[], choices=["kernels", "correctness", "latency", "ab", "14B", "vae"])
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    args = p.parse_args()
+    out = Path(os.environ.get("OUT", "bench_out"))
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda")
+    report: dict = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+                    "command": "python benchmarks/gpu.py " + " ".join(sys.argv[1:])}
+    import triton
+
+    report["triton"] = triton.__version__
+    print(json.dumps(report), flush=True)
+    summary: list[str] = []
+
+    if "kernels" not in args.skip:
+        t = time.perf_counter()
+        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels.py")], check=False)
+        print(f"[kernels section {time.perf_counter() - t:.0f}s]", flush=True)
+
+    pipe = random_pipeline("1.3B", device, torch.bfloat16)
+    prompt = torch.randn(1, 512, 4096, device=device, dtype=torch.bfloat16)
+    run_budget(pipe, 1, prompt, 480, 832, 81)  # warm-up: autotuning, cuDNN plans
+
+    if "correctness" not in args.skip:
+        report["correctness"] = correctness(pipe, prompt, 4)
+        c = report["correctness"]
+        print("correctness:", c, flush=True)
+        summary.append(f"fast path vs torch path, 4 steps, final latents: rel L2 {c['rel_l2_fast_vs_torch']:.2e} "
+                       f"(Triton attention: {c['rel_l2_triton_attention_vs_torch']:.2e}; target < 2e-2)")
+
+    if "latency" not in args.skip:
+        results = []
+        for steps in args.steps:
+            results.append(run_budget(pipe, steps, prompt, 480, 832, 81))
+            r = results[-1]
+            print(f"1.3B steps {steps}: first {r.first_frame_s:.3f}s fps {r.fps:.1f} (latents {r.fps_latents:.1f}) "
+                  f"chunks {[round(c, 3) for c in r.chunk_s]} decode {[round(d, 3) for d in r.decode_s]} "
+                  f"peak {r.peak_gib:.2f} GiB", flush=True)
+        report["latency_1.3B"] = [vars(r) | {"fps": r.fps, "fps_latents": r.fps_latents} for r in results]
+        table = markdown(results, f"1.3B, 480x832, 81 frames, bf16, {report['device']}, torch {torch.__version__}")
+        (out / "latency_1.3B.md").write_text(table + "\n")
+        summary.append(table)
+
+    if "ab" not in args.skip:
+        ab = {}
+        for backend in ("sdpa", "triton"):
+            os.environ["STREAMGEN_ATTENTION"] = backend
+            r = run_budget(pipe, 4, prompt, 480, 832, 81)
+            ab[backend] = {"fps": r.fps, "fps_latents": r.fps_latents, "first_frame_s": r.first_frame_s}
+            del os.environ["STREAMGEN_ATTENTION"]
+        model_module.set_fused_kernels(False)
+        r = run_budget(pipe, 4, prompt, 480, 832, 81)
+        model_module.set_fused_kernels(True)
+        ab["torch elementwise"] = {"fps": r.fps, "fps_latents": r.fps_latents, "first_frame_s": r.first_frame_s}
+        report["ab_4_steps"] = ab
+        print("A/B 4 steps:", ab, flush=True)
+        summary.append("A/B at 4 steps (fps end to end / latents only): " + ", ".join(
+            f"{k} {v['fps']:.1f}/{v['fps_latents']:.1f}" for k, v in ab.items()))
+
+    del pipe
+    torch.cuda.empty_cache()
+    if "14B" not in args.skip:
+        pipe = random_pipeline("14B", device, torch.bfloat16)
+        run_budget(pipe, 1, prompt, 480, 832, 81)
+        results = [run_budget(pipe, s, prompt, 480, 832, 81) for s in (1, 4)]
+        for r in results:
+            print(f"14B steps {r.steps}: first {r.first_frame_s:.3f}s fps {r.fps:.1f} (latents {r.fps_latents:.1f}) "
+                  f"chunks {[round(c, 3) for c in r.chunk_s]} peak {r.peak_gib:.2f} GiB", flush=True)
+        report["latency_14B"] = [vars(r) | {"fps": r.fps, "fps_latents": r.fps_latents} for r in results]
+        table = markdown(results, f"14B, 480x832, 81 frames, bf16, {report['device']}, torch {torch.__version__}")
+        (out / "latency_14B.md").write_text(table + "\n")
+        summary.append(table)
+        del pipe
+        torch.cuda.empty_cache()
+
+    vae_script = ROOT / "benchmarks" / "vae_decode.py"
+    if "vae" not in args.skip and vae_script.exists():
+        subprocess.run([sys.executable, str(vae_script)], check=False)
+
+    (out / "gpu.json").write_text(json.dumps(report, indent=2, default=str))
+    print("\n" + "\n\n".join(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""Benchmark the Triton kernels at Wan2.1 streaming shapes against their torch baselines (GPU only).
+
+For every kernel: check bf16 correctness against the fp32 reference (max abs error, relative L2 error, next to the
+torch baseline's own error), time kernel and baseline with ``triton.testing.do_bench``, and report achieved TB/s
+(memory-bound kernels: bytes that must move once) or TFLOP/s (attention: 4*B*H*d*sum(keys seen per query), i.e.
+4*B*H*Lq*Lk*d without a mask). Baselines: the eager fp32 torch ops (the ``*_reference`` functions, as the eager
+engine would run them) and ``scaled_dot_product_attention`` on (B, H, L, d) copies made outside the timed region.
+
+Default shapes: Wan2.1 1.3B (H=12, d=128), one chunk of 3 latent frames at 480x832 (Lq = 3 x 1560 = 4680 tokens),
+keys = own chunk + full cache of 2 chunks (9360) + k compressed frames (390 tokens each); plus the chunk-causal
+cache refresh (last compressed chunk + full window as queries over the whole prefix).
+
+    python benchmarks/kernels.py                 # 1.3B shapes
+    python benchmarks/kernels.py --model 14b     # 40 heads (dim 5120)
+    OUT=/tmp/out python benchmarks/kernels.py    # also writes $OUT/kernels.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+MODELS = {"1.3b": 12, "14b": 40}  # heads; head dim 128 for both
+FRAME_TOKENS = 1560  # 480x832 -> latent 60x104 -> patches 30x52
+COMPRESSED_FRAME_TOKENS = 390  # (1, 4, 4) patches: 15x26
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", choices=sorted(MODELS), default="1.3b", help="head count preset (d = 128)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--chunk-frames", type=int, default=3, help="latent frames per chunk (queries)")
+    p.add_argument("--full-chunks", type=int, default=2, help="chunks kept at full resolution in the cache")
+    p.add_argument("--compressed-frames", type=int, nargs="+", default=[0, 9, 15],
+                   help="compressed frames in the cache, one attention case each")
+    p.add_argument("--refresh-compressed-chunks", type=int, default=3,
+                   help="compressed chunks in the prefix for the chunk-causal refresh case (0: skip)")
+    p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
+    p.add_argument("--warmup", type=int, default=25, help="do_bench warmup (ms)")
+    p.add_argument("--rep", type=int, default=100, help="do_bench repetition time (ms)")
+    p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph timings (graph_ms columns)")
+    p.add_argument("--skip-attention", action="store_true")
+    p.add_argument("--skip-elementwise", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+
+    import torch
+    import triton
+
+    if not torch.cuda.is_available():
+        print("benchmarks/kernels.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from kernels import attention as attn_mod
+    from kernels.attention import attention_reference, chunk_attention
+    from kernels.modulate import (
+        gated_residual,
+        gated_residual_reference,
+        layernorm_modulate,
+        layernorm_modulate_reference,
+    )
+    from kernels.qk_norm_rope import rms_norm_rope, rms_norm_rope_reference, rope, rope_reference
+
+    torch.manual_seed(0)
+    dev = "cuda"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    H, d = MODELS[args.model], 128
+    D, B = H * d, args.batch
+    Lq = args.chunk_frames * FRAME_TOKENS
+    full = args.full_chunks * args.chunk_frames * FRAME_TOKENS
+    rows: list[dict] = []
+
+    def bench(fn) -> float:
+        return triton.testing.do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median")
+
+    def bench_graph(fn) -> float | None:
+        """Time replays of a CUDA graph of fn: no launch overhead, which can dominate a ~10 us memory-bound op."""
+        if args.no_graph:
+            return None
+        try:
+            return triton.testing.do_bench_cudagraph(fn, rep=args.rep, return_mode="median")
+        except Exception as e:  # capture can fail (e.g. an op that syncs); the do_bench number still stands
+            print(f"  (cuda graph timing failed: {type(e).__name__}: {e})", flush=True)
+            return None
+
+    def timings(kernel_fn, base_fn, amount: float) -> dict:
+        """ms (do_bench) and graph_ms (CUDA graph) for kernel and baseline; perf = amount / time, in 1e12/s."""
+        t = {"ms": bench(kernel_fn), "base_ms": bench(base_fn),
+             "graph_ms": bench_graph(kernel_fn), "base_graph_ms": bench_graph(base_fn)}
+        for key, tkey in (("perf", "ms"), ("base_perf", "base_ms"), ("graph_perf", "graph_ms"),
+                          ("base_graph_perf", "base_graph_ms")):
+            t[key] = amount / t[tkey] * 1e-9 if t[tkey] else None
+        return t
+
+    def errors(out, ref) -> dict:
+        diff = (out.float() - ref.float())
+        return {"max_abs_err": diff.abs().max().item(), "rel_err": (diff.norm() / ref.float().norm()).item()}
+
+    def fmt(value, spec: str, width: int) -> str:
+        return f"{value:{width}{spec}}" if value is not None else f"{'-':>{width}}"
+
+    def report(row: dict) -> None:
+        rows.append(row)
+        unit = row["unit"]
+        print(f"{row['name']:<34} {row['shape']:<28} kernel {row['ms']:8.4f} ms {row['perf']:8.2f} {unit} "
+              f"(graph {fmt(row['graph_ms'], '.4f', 8)} ms)   torch {row['base_ms']:8.4f} ms {row['base_perf']:8.2f} "
+              f"{unit} (graph {fmt(row['base_graph_ms'], '.4f', 8)} ms)   err {row['max_abs_err']:.2e} "
+              f"(rel {row['rel_err']:.1e}) torch err {row['base_max_abs_err']:.2e}", flush=True)
+
+    def mem_row(name, shape, nbytes, kernel_fn, base_fn, ref, extra=None) -> None:
+        out, base = kernel_fn(), base_fn()
+        e, be = errors(out, ref), errors(base, ref)
+        report({"name": name, "shape": shape, "unit": "TB/s", "bytes": nbytes, **timings(kernel_fn, base_fn, nbytes),
+                **e, "base_max_abs_err": be["max_abs_err"], "base_rel_err": be["rel_err"], **(extra or {})})
+
+    print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
+          f"model {args.model} (H={H}, d={d})  {args.dtype}", flush=True)
+
+    if not args.skip_elementwise:
+        el = dtype.itemsize
+        x = torch.randn(B, Lq, D, device=dev, dtype=dtype) * 2 + 0.3
+        shift = torch.randn(B, D, device=dev) * 0.5
+        scale = torch.randn(B, D, device=dev) * 0.5
+        ref = layernorm_modulate_reference(x.float(), shift, scale, 1e-6)
+        mem_row("layernorm_modulate", f"({B},{Lq},{D})", 2 * x.numel() * el + 2 * B * D * 4,
+                lambda: layernorm_modulate(x, shift, scale, 1e-6),
+                lambda: layernorm_modulate_reference(x, shift, scale, 1e-6), ref)
+
+        y = torch.randn_like(x)
+        gate = torch.randn(B, D, device=dev)
+        ref = gated_residual_reference(x.float(), y, gate)
+        nbytes = 3 * x.numel() * el + B * D * 4
+        mem_row("gated_residual", f"({B},{Lq},{D})", nbytes, lambda: gated_residual(x, y, gate),
+                lambda: gated_residual_reference(x, y, gate), ref)
+        # in place, repeated: a zero gate keeps x fixed across repetitions (same bytes moved, checkable result)
+        x_inplace, zero_gate = x.clone(), torch.zeros_like(gate)
+        mem_row("gated_residual (out=x)", f"({B},{Lq},{D})", nbytes,
+                lambda: gated_residual(x_inplace, y, zero_gate, out=x_inplace),
+                lambda: x_inplace.copy_(gated_residual_reference(x_inplace, y, zero_gate)), x.float())
+
+        w = torch.randn(D, device=dev) * 0.1 + 1
+        ang = torch.rand(Lq, d // 2, device=dev) * 6.3
+        cos, sin = ang.cos(), ang.sin()
+        ref = rms_norm_rope_reference(x.float(), w, 1e-6, cos, sin, H)
+        nbytes = 2 * x.numel() * el + D * 4 + 2 * cos.numel() * 4
+        mem_row("rms_norm_rope (q)", f"({B},{Lq},{H}x{d})", nbytes, lambda: rms_norm_rope(x, w, 1e-6, cos, sin, H),
+                lambda: rms_norm_rope_reference(x, w, 1e-6, cos, sin, H), ref)
+        ref = rms_norm_rope_reference(x.float(), w, 1e-6, None, None, H)
+        mem_row("rms_norm (k, cos=None)", f"({B},{Lq},{H}x{d})", 2 * x.numel() * el + D * 4,
+                lambda: rms_norm_rope(x, w, 1e-6, None, None, H),
+                lambda: rms_norm_rope_reference(x, w, 1e-6, None, None, H), ref)
+
+        Lc = full + Lq
+        kc = torch.randn(B, Lc, H, d, device=dev, dtype=dtype)
+        ang = torch.rand(Lc, d // 2, device=dev) * 6.3
+        cos, sin = ang.cos(), ang.sin()
+        ref = rope_reference(kc.float(), cos, sin)
+        mem_row("rope (cached k)", f"({B},{Lc},{H},{d})", 2 * kc.numel() * el + 2 * cos.numel() * 4,
+                lambda: rope(kc, cos, sin), lambda: rope_reference(kc, cos, sin), ref)
+        del x, y, kc, ref
+
+    if not args.skip_attention:
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+
+        def attention_case(name, lq, lk, kv_limit):
+            q = torch.randn(B, lq, H, d, device=dev, dtype=dtype)
+            k = torch.randn(B, lk, H, d, device=dev, dtype=dtype)
+            v = torch.randn(B, lk, H, d, device=dev, dtype=dtype)
+            # reference head by head in fp32 (the full score matrix of all heads would be tens of GiB)
+            ref = torch.cat([attention_reference(*(t[:, :, h:h + 1].float() for t in (q, k, v)), kv_limit)
+                             for h in range(H)], dim=2)
+            qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+            mask = None
+            if kv_limit is not None:
+                mask = torch.arange(lk, device=dev)[None, :] < kv_limit[:, None].long()
+            out = chunk_attention(q, k, v, kv_limit)  # also runs the autotuner for this shape
+            best = getattr(attn_mod._attn_fwd_tuned, "best_config", None)
+            base = sdpa(qt, kt, vt, attn_mask=mask).transpose(1, 2)
+            e, be = errors(out, ref), errors(base, ref)
+            del ref, base
+            seen = lq * lk if kv_limit is None else int(kv_limit.long().sum())
+            flops = 4 * B * H * d * seen
+            t = timings(lambda: chunk_attention(q, k, v, kv_limit), lambda: sdpa(qt, kt, vt, attn_mask=mask), flops)
+            report({"name": name, "shape": f"q({B},{lq},{H},{d}) k({lk})", "unit": "TFLOP/s", "flops": flops, **t,
+                    **e, "base_max_abs_err": be["max_abs_err"], "base_rel_err": be["rel_err"],
+                    "config": str(best) if best is not None else None})
+
+        for cf in args.compressed_frames:
+            lk = Lq + full + cf * COMPRESSED_FRAME_TOKENS
+            attention_case(f"attention denoise (+{cf} cmp frames)", Lq, lk, None)
+
+        n = args.refresh_compressed_chunks
+        if n > 0:
+            cchunk = args.chunk_frames * COMPRESSED_FRAME_TOKENS
+            fchunk = args.chunk_frames * FRAME_TOKENS
+            lk = n * cchunk + args.full_chunks * fchunk
+            q_chunks = [cchunk] + [fchunk] * args.full_chunks  # the chunk that turned compressed + the full window
+            ends = [n * cchunk + i * fchunk for i in range(args.full_chunks + 1)]
+            kv_limit = torch.cat([torch.full((c,), e, dtype=torch.int32) for c, e in zip(q_chunks, ends)]).to(dev)
+            attention_case(f"attention refresh ({n} cmp chunks)", sum(q_chunks), lk, kv_limit)
+
+    print()
+    print("ms: do_bench (includes launch overhead); graph: CUDA-graph replay (GPU time only); perf from each; "
+          "torch = eager fp32 ops / SDPA")
+    print(f"{'kernel':<34} {'shape':<28} {'ms':>9} {'torch ms':>9} {'speedup':>7} {'perf':>8} {'torch':>8} "
+          f"{'graph ms':>9} {'torch':>9} {'speedup':>7} {'perf':>8} {'torch':>8} {'unit':<8} {'max err':>9} "
+          f"{'torch err':>9}")
+    for r in rows:
+        gspeed = r["base_graph_ms"] / r["graph_ms"] if r["graph_ms"] and r["base_graph_ms"] else None
+        print(f"{r['name']:<34} {r['shape']:<28} {r['ms']:9.4f} {r['base_ms']:9.4f} {r['base_ms'] / r['ms']:7.2f} "
+              f"{r['perf']:8.2f} {r['base_perf']:8.2f} {fmt(r['graph_ms'], '.4f', 9)} "
+              f"{fmt(r['base_graph_ms'], '.4f', 9)} {fmt(gspeed, '.2f', 7)} {fmt(r['graph_perf'], '.2f', 8)} "
+              f"{fmt(r['base_graph_perf'], '.2f', 8)} {r['unit']:<8} {r['max_abs_err']:9.2e} "
+              f"{r['base_max_abs_err']:9.2e}")
+
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                "model": args.model, "heads": H, "head_dim": d, "dtype": args.dtype, "lq": Lq}
+        with open(os.path.join(out_dir, "kernels.json"), "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+        print(f"wrote {os.path.join(out_dir, 'kernels.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Small helpers shared by the kernel launchers.
+
+Triton decides between compiling a kernel and interpreting it (numpy on the CPU) when the ``@triton.jit``
+decorator runs, from the ``TRITON_INTERPRET`` environment variable; its own library functions (``tl.zeros``, ...)
+are decorated when triton is imported. So on a machine without a GPU set ``TRITON_INTERPRET=1`` before triton is
+first imported. The launchers read the same variable once at import so that they agree with the decorators.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+"""True when the kernels in this package were decorated in interpreter mode (CPU tensors, numpy semantics)."""
+
+
+def check_tensors(*tensors: torch.Tensor | None) -> None:
+    """Fail early, with a useful message, when tensors cannot reach the kernel (wrong device or mode)."""
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    (device,) = devices
+    if device.type == "cpu" and not INTERPRET:
+        raise RuntimeError(
+            "Triton kernels need GPU tensors; to run them on the CPU set TRITON_INTERPRET=1 in the environment "
+            "before triton is imported"
+        )
+
+
+def row_warps(block: int) -> int:
+    """Warps for a program that owns one row of ``block`` elements: ~8 elements per thread, 1..16 warps."""
+    return min(max(block // 256, 1), 16)
+
+
+def pow2(n: int) -> int:
+    """Smallest power of two >= n (blocks must be powers of two; the tail is masked)."""
+    return triton.next_power_of_2(max(int(n), 1))

@@ -1,0 +1,282 @@
+"""Flash-attention forward for streaming chunks, in the engine's (B, L, H, d) layout, with per-query key prefixes.
+
+Every mask the engine needs is a key PREFIX per query: a denoising chunk sees all keys (cache + own tokens), and
+the chunk-causal cache refresh lets a token see the keys of its own and earlier chunks, which (runs being
+ordered by chunk) is ``keys[0 : kv_limit[i])``. So the mask is one int32 per query instead of an (Lq, Lk) tensor.
+
+One program owns BLOCK_M queries of one (batch, head). It walks K/V tiles in two stages: tiles below the
+smallest limit of its queries (and inside Lk) need no mask; tiles up to the largest limit are masked; tiles past
+it are skipped. Softmax is online (running max and sum, exp2 with the scale folded in), accumulation in fp32.
+Rows whose limit is 0 see no key and get 0 (not NaN).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import INTERPRET, check_tensors, pow2
+
+__all__ = ["attention_reference", "chunk_attention"]
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attn_tiles(
+    acc, l_i, m_i, q, lim,
+    k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+    start, stop, kv_end, head_dim, qk_scale,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASKED: tl.constexpr, HAS_LIMIT: tl.constexpr, EVEN_D: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Fold K/V tiles [start, stop) into the running (acc, l_i, m_i). MASKED tiles load only keys < kv_end and
+    mask scores by the per-query limits (or by kv_end when there are none)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    for start_n in range(start, stop, BLOCK_N):
+        cols = start_n + offs_n
+        k_ptrs = k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd
+        v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd
+        if MASKED:
+            kv_mask = cols[:, None] < kv_end
+            if not EVEN_D:
+                kv_mask = kv_mask & (offs_d[None, :] < head_dim)
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        elif EVEN_D:
+            k = tl.load(k_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=offs_d[None, :] < head_dim, other=0.0)
+
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * qk_scale  # log2 domain
+        if MASKED:
+            if HAS_LIMIT:
+                s = tl.where(cols[None, :] < lim[:, None], s, float("-inf"))
+            else:
+                s = tl.where(cols[None, :] < kv_end, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: keep p = 0, not NaN
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_use = m_new
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+
+        if MASKED:
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        elif EVEN_D:
+            v = tl.load(v_ptrs)
+        else:
+            v = tl.load(v_ptrs, mask=offs_d[None, :] < head_dim, other=0.0)
+        if IEEE:
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lim_ptr,
+    H, Lq, Lk, head_dim, qk_scale,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_ob, stride_om, stride_oh, stride_od,
+    LQ_KEY, LK_KEY,  # unused in the body: bucketed lengths for the autotuner key
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_LIMIT: tl.constexpr, EVEN_D: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Grid (B*H, cdiv(Lq, BLOCK_M)); query tiles are taken last-first so the longest prefixes start earliest."""
+    bh = tl.program_id(0)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    m_tile = tl.num_programs(1) - 1 - tl.program_id(1)
+
+    rows = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = rows < Lq
+    q_mask = row_ok[:, None]
+    if not EVEN_D:
+        q_mask = q_mask & (offs_d[None, :] < head_dim)
+    q_base = q_ptr + b * stride_qb + h * stride_qh
+    q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
+
+    if HAS_LIMIT:
+        lim = tl.load(lim_ptr + rows, mask=row_ok, other=0)
+        lim = tl.minimum(tl.maximum(lim, 0), Lk)
+        lo = tl.min(tl.where(row_ok, lim, Lk), axis=0)  # padding rows must not lower the unmasked stage
+        hi = tl.max(lim, axis=0)
+    else:
+        lim = rows  # placeholder, unused
+        lo = Lk
+        hi = Lk
+    lo = (lo // BLOCK_N) * BLOCK_N  # whole tiles every query of this tile sees
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    acc, l_i, m_i = _attn_tiles(
+        acc, l_i, m_i, q, lim, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        0, lo, Lk, head_dim, qk_scale,
+        BLOCK_N, BLOCK_D, False, HAS_LIMIT, EVEN_D, IEEE,
+    )
+    # masked stage: loads stop at hi (not Lk), so keys past every limit of this tile are never read
+    acc, l_i, m_i = _attn_tiles(
+        acc, l_i, m_i, q, lim, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        lo, hi, hi, head_dim, qk_scale,
+        BLOCK_N, BLOCK_D, True, HAS_LIMIT, EVEN_D, IEEE,
+    )
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    o_base = o_ptr + b * stride_ob + h * stride_oh
+    tl.store(
+        o_base + rows[:, None] * stride_om + offs_d[None, :] * stride_od,
+        out.to(o_ptr.dtype.element_ty),
+        mask=q_mask,
+    )
+
+
+def _h100_configs() -> list[triton.Config]:
+    """A small H100 search space (d <= 128, 16-bit inputs in mind); see :func:`_prune_configs`."""
+    shapes = [
+        (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 4, 4),
+        (128, 64, 8, 4), (64, 128, 4, 3), (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 2),
+        (128, 128, 4, 2), (128, 32, 4, 4),
+    ]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop configs that clearly cannot fit in shared memory (fp32 inputs) and query tiles far longer than Lq.
+
+    The estimate (stages - 1 K/V tiles in flight, plus Q) is a lower bound: a config that still overflows fails to
+    compile with OutOfResources, which the autotuner records as infinitely slow rather than an error.
+    """
+    elem = named_args["q_ptr"].element_size()
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
+    lq = named_args["Lq"]
+    kept = []
+    for c in configs:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        smem = (max(c.num_stages - 1, 1) * 2 * bn + bm) * block_d * elem
+        if smem <= 227 * 1024 and (bm <= 64 or lq > 64):
+            kept.append(c)
+    return kept or configs[-1:]
+
+
+# The interpreter runs one numpy op per tile op, so it gets one small fixed config (and no benchmarking).
+_INTERPRET_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+
+_attn_fwd_tuned = triton.autotune(
+    configs=_INTERPRET_CONFIGS if INTERPRET else _h100_configs(),
+    key=["LQ_KEY", "LK_KEY", "BLOCK_D", "HAS_LIMIT", "IEEE"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)(_attn_fwd_kernel)
+
+
+def chunk_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_limit: torch.Tensor | None = None,
+    scale: float | None = None,
+    *,
+    block_m: int | None = None,
+    block_n: int | None = None,
+) -> torch.Tensor:
+    """Softmax attention of q (B, Lq, H, d) over k, v (B, Lk, H, d); returns (B, Lq, H, d) in q.dtype.
+
+    Any strides (views into a fused qkv output or a KV cache are read in place). Dtypes bf16/fp16/fp32, d <= 128
+    (padded to a power of two >= 16 inside the kernel). ``kv_limit``: int32 (Lq,), query i attends keys
+    [0, kv_limit[i]) (values clamped to [0, Lk]; 0 gives a zero row; keys at or past the largest limit are never
+    read, so they may be unwritten cache slots); None: all keys. ``scale`` defaults to
+    1/sqrt(d). fp32 inputs use IEEE fp32 products (exact reference checks), 16-bit inputs the tensor cores.
+    ``block_m``/``block_n`` bypass the autotuner (tests, experiments).
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("q, k, v must be (B, L, H, d)")
+    B, Lq, H, d = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[2:] != (H, d):
+        raise ValueError(f"k and v must be (B, Lk, H, d) matching q {tuple(q.shape)}, got {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"q, k, v must share one dtype among fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if d > 128:
+        raise ValueError(f"head dim up to 128 is supported, got {d}")
+    Lk = k.shape[1]
+    if kv_limit is not None:
+        if kv_limit.shape != (Lq,):
+            raise ValueError(f"kv_limit must be ({Lq},), got {tuple(kv_limit.shape)}")
+        if kv_limit.dtype != torch.int32:
+            kv_limit = kv_limit.to(torch.int32)
+        kv_limit = kv_limit.contiguous()
+    check_tensors(q, k, v, kv_limit)
+    out = torch.empty((B, Lq, H, d), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    if Lk == 0:
+        return out.zero_()
+
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    block_d = max(16, pow2(d))
+    args = (
+        q, k, v, out, kv_limit if kv_limit is not None else q,
+        H, Lq, Lk, d, scale * _LOG2E,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        pow2(Lq), pow2(Lk),
+    )
+    flags = dict(BLOCK_D=block_d, HAS_LIMIT=kv_limit is not None, EVEN_D=block_d == d, IEEE=q.dtype == torch.float32)
+    if block_m is not None or block_n is not None:
+        bm, bn = block_m or 64, block_n or 64
+        _attn_fwd_kernel[(B * H, triton.cdiv(Lq, bm))](
+            *args, BLOCK_M=bm, BLOCK_N=bn, **flags, num_warps=4 if bm <= 64 else 8, num_stages=2
+        )
+    else:
+        def grid(meta):
+            return (B * H, triton.cdiv(Lq, meta["BLOCK_M"]))
+
+        _attn_fwd_tuned[grid](*args, **flags)
+    return out
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_limit: torch.Tensor | None = None,
+    scale: float | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Explicit softmax(q k^T * scale, prefix mask) v, out in q.dtype.
+
+    Same semantics as :func:`chunk_attention`, including zero rows for ``kv_limit[i] == 0``. Math in the wider of
+    q.dtype and ``compute_dtype``: fp64 inputs give the ground truth for tests; ``compute_dtype=q.dtype`` is plain
+    torch in low precision, the yardstick for the kernel's tolerance.
+    """
+    cd = torch.promote_types(q.dtype, compute_dtype)
+    d = q.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    qh, kh, vh = (t.to(cd).transpose(1, 2) for t in (q, k, v))  # (B, H, L, d)
+    s = (qh @ kh.transpose(-1, -2)) * scale
+    Lk = k.shape[1]
+    if kv_limit is not None:
+        keep = torch.arange(Lk, device=q.device)[None, :] < kv_limit.to(q.device).long()[:, None]  # (Lq, Lk)
+        s = s.masked_fill(~keep, float("-inf"))
+        p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows without keys: 0
+    else:
+        p = torch.softmax(s, dim=-1)
+    out = p @ vh
+    return out.transpose(1, 2).to(q.dtype)

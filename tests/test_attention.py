@@ -1,0 +1,58 @@
+"""The attention dispatch: backend choice, and the flash-attn path exercised through a mocked `flash_attn` module."""
+
+import sys
+import types
+
+import pytest
+import torch
+
+from streamgen import attention as attn
+from streamgen.attention import Mask, attention, select_backend
+
+
+@pytest.fixture
+def fake_flash(monkeypatch):
+    calls = []
+
+    def flash_attn_func(q, k, v):  # flash-attn's layout: (B, L, H, d) in and out
+        calls.append((q.shape, k.shape))
+        return attn._sdpa(q, k, v)
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_func=flash_attn_func))
+    return calls
+
+
+def test_backend_choice(monkeypatch, fake_flash):
+    monkeypatch.delenv("STREAMGEN_ATTENTION", raising=False)
+    assert select_backend("cuda", torch.bfloat16) == "flash"
+    assert select_backend("cuda", torch.float32) == "sdpa"
+    assert select_backend("cpu", torch.bfloat16) == "sdpa"
+    monkeypatch.setenv("STREAMGEN_ATTENTION", "triton")
+    assert select_backend("cuda", torch.float16) == "triton"
+    monkeypatch.setenv("STREAMGEN_ATTENTION", "bogus")
+    with pytest.raises(ValueError, match="STREAMGEN_ATTENTION"):
+        select_backend("cuda", torch.float16)
+
+
+def test_without_flash_attn(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # import fails
+    monkeypatch.delenv("STREAMGEN_ATTENTION", raising=False)
+    assert select_backend("cuda", torch.bfloat16) == attn.CUDA_DEFAULT
+    monkeypatch.setenv("STREAMGEN_ATTENTION", "flash")
+    with pytest.raises(ImportError, match="streamgen\\[flash\\]"):
+        select_backend("cuda", torch.bfloat16)
+
+
+def test_flash_path_serves_prefix_blocks(monkeypatch, fake_flash):
+    monkeypatch.setattr(attn, "select_backend", lambda device_type, dtype: "flash")
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 5, 2, 8), torch.randn(1, 7, 2, 8), torch.randn(1, 7, 2, 8)
+    mask = Mask.from_runs(torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool), [2, 3], [2, 2, 3])
+    out = attention(q, k, v, mask)
+    assert [tuple(c[1]) for c in fake_flash] == [(1, 4, 2, 8), (1, 7, 2, 8)]  # one call per block, over a key prefix
+    dense = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    dense = dense.repeat_interleave(torch.tensor([2, 3]), 0).repeat_interleave(torch.tensor([2, 2, 3]), 1)
+    assert torch.allclose(out, attn._sdpa(q, k, v, dense), atol=1e-6)
+    fake_flash.clear()
+    attention(q, k, v, Mask(None, dense))  # dense masks never reach flash-attn
+    assert not fake_flash

@@ -1,0 +1,326 @@
+"""Triton kernels against their plain-torch references, across shapes, dtypes, strides and masks.
+
+Without a GPU the kernels run in Triton's interpreter (numpy on the CPU). Triton picks interpreter or compiler
+when ``@triton.jit`` decorates a function, which for its own library functions (``tl.zeros``, ...) happens when
+triton is imported: TRITON_INTERPRET=1 is set here before the first import of triton, and the module refuses to
+run (instead of failing obscurely) if triton was already imported without it.
+
+Tolerances: fp32 is checked tightly (1e-5). 16-bit outputs of the memory-bound kernels do fp32 math and round once,
+so they must lie within one ulp of the fp64 truth (the interpreter truncates fp32 -> bf16 instead of rounding: still
+within one ulp). For attention, FlashAttention-style: the kernel's max error against fp64 must stay within twice
+the error of the same computation done by plain torch in the low precision. bf16 attention runs on GPU only (the
+interpreter computes bf16 `tl.dot` wrongly).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if "triton" in sys.modules:  # its own @jit library functions (tl.zeros, ...) were decorated for a GPU
+        raise RuntimeError(
+            "no GPU: the kernels must run in Triton's interpreter, but triton was imported before TRITON_INTERPRET=1 "
+            "was set; run `TRITON_INTERPRET=1 python -m pytest ...`"
+        )
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest
+
+from kernels._launch import INTERPRET
+from kernels.attention import attention_reference, chunk_attention
+from kernels.modulate import (
+    gated_residual,
+    gated_residual_reference,
+    layernorm_modulate,
+    layernorm_modulate_reference,
+)
+from kernels.qk_norm_rope import rms_norm_rope, rms_norm_rope_reference, rope, rope_reference
+
+DEVICE = "cpu" if INTERPRET else "cuda"
+LOW = [torch.float16, torch.bfloat16]
+ALL = [torch.float32, *LOW]
+ATTN_DTYPES = [torch.float32, torch.float16] + ([] if INTERPRET else [torch.bfloat16])
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def rand(*shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, dtype=torch.float32, device=DEVICE) * scale).to(dtype)
+
+
+def f64(*ts):
+    return [None if t is None else t.double() for t in ts]
+
+
+def check_ulp(out: torch.Tensor, ref64: torch.Tensor, dtype: torch.dtype) -> None:
+    """fp32: |out - ref| <= 1e-5 (abs + rel); 16-bit: within one ulp of the fp64 truth (+ 1e-5 near zero)."""
+    assert out.dtype == dtype
+    eps = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps
+    err = (out.double() - ref64).abs()
+    tol = 1e-5 + eps * ref64.abs()
+    assert torch.isfinite(out).all()
+    assert (err <= tol).all(), f"{dtype}: max err {err.max().item():.3g}, worst excess {(err - tol).max().item():.3g}"
+
+
+# ----------------------------------------------------------------------------------------- layernorm_modulate
+
+
+@pytest.mark.parametrize("dtype", ALL)
+@pytest.mark.parametrize("shape", [(1, 1, 64), (2, 37, 192), (1, 3, 1536), (2, 4, 100)])
+def test_layernorm_modulate(shape, dtype):
+    B, L, D = shape
+    x = rand(B, L, D, dtype=dtype, scale=3.0) + 0.5
+    shift, scale = rand(B, D), rand(B, D, scale=0.5)
+    out = layernorm_modulate(x, shift, scale, 1e-6)
+    check_ulp(out, layernorm_modulate_reference(*f64(x, shift, scale), 1e-6), dtype)
+
+
+def test_layernorm_modulate_strided_broadcast_offset():
+    """Non-contiguous x, (B, 1, D) / (D,) modulation, and a large mean (two-pass variance stays accurate)."""
+    B, L, D = 2, 9, 96
+    base = rand(B, D, 2 * L) + 100.0
+    x = base.transpose(1, 2)[:, ::2]  # (B, L, D), strides (2LD, 2, 2L)
+    shift, scale = rand(B, 1, D), rand(D)
+    out = layernorm_modulate(x, shift, scale, 1e-6)
+    # a plain fp32 mean of values near 100 is off by ~D ulps (3e-5 at the output for eager torch here); the
+    # kernel's corrected two-pass mean keeps it within the 1e-5 fp32 bound
+    check_ulp(out, layernorm_modulate_reference(*f64(x, shift, scale), 1e-6), torch.float32)
+
+
+def test_layernorm_modulate_reference_matches_torch():
+    x, shift, scale = rand(2, 5, 64), rand(2, 64), rand(2, 64)
+    expect = torch.nn.functional.layer_norm(x, (64,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+    torch.testing.assert_close(layernorm_modulate_reference(x, shift, scale, 1e-6), expect)
+
+
+# ------------------------------------------------------------------------------------------------ gated_residual
+
+
+@pytest.mark.parametrize("dtype", ALL)
+@pytest.mark.parametrize("shape", [(1, 1, 64), (2, 37, 192), (1, 3, 1536)])
+def test_gated_residual(shape, dtype):
+    x, y = rand(*shape, dtype=dtype), rand(*shape, dtype=dtype)
+    gate = rand(shape[0], shape[2])
+    out = gated_residual(x, y, gate)
+    check_ulp(out, gated_residual_reference(*f64(x, y, gate)), dtype)
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_gated_residual_in_place_mixed_dtypes(dtype):
+    """out=x updates the residual stream in place; y may be fp32 while x is 16-bit; gate may be (B, 1, D)."""
+    x, y, gate = rand(2, 11, 192, dtype=dtype), rand(2, 11, 192), rand(2, 1, 192)
+    ref = gated_residual_reference(*f64(x, y, gate))
+    ptr = x.data_ptr()
+    out = gated_residual(x, y, gate, out=x)
+    assert out is x and x.data_ptr() == ptr
+    check_ulp(x, ref, dtype)
+
+
+# ------------------------------------------------------------------------------------------ rms_norm_rope / rope
+
+
+def rope_tables(L, d, batch=None):
+    """Random angles (not only the real 3D RoPE ones): any (cos, sin) pair must rotate correctly."""
+    shape = (L, d // 2) if batch is None else (batch, L, d // 2)
+    ang = rand(*shape, scale=3.0)
+    return ang.cos(), ang.sin()
+
+
+NORM_SHAPES = [(1, 1, 1, 64), (2, 9, 3, 64), (1, 17, 2, 32), (1, 4, 12, 128), (1, 3, 2, 48)]  # (B, L, H, d)
+
+
+@pytest.mark.parametrize("rotate", [True, False])
+@pytest.mark.parametrize("dtype", ALL)
+@pytest.mark.parametrize("shape", NORM_SHAPES)
+def test_rms_norm_rope(shape, dtype, rotate):
+    B, L, H, d = shape
+    x = rand(B, L, H * d, dtype=dtype, scale=2.0)
+    w = rand(H * d) + 1.0
+    cos, sin = rope_tables(L, d) if rotate else (None, None)
+    out = rms_norm_rope(x, w, 1e-6, cos, sin, H)
+    assert out.shape == (B, L, H, d)
+    check_ulp(out, rms_norm_rope_reference(*f64(x, w), 1e-6, *f64(cos, sin), H), dtype)
+
+
+def test_rms_norm_rope_strided_qkv_and_batch_tables():
+    """q read in place from a fused qkv projection output; per-batch (B, L, d/2) tables."""
+    B, L, H, d = 2, 7, 3, 32
+    qkv = rand(B, L, 3 * H * d)
+    q = qkv[..., H * d:2 * H * d]  # (B, L, H*d) with row stride 3*H*d
+    w = rand(H * d)
+    cos, sin = rope_tables(L, d, batch=B)
+    out = rms_norm_rope(q, w, 1e-6, cos, sin, H)
+    check_ulp(out, rms_norm_rope_reference(*f64(q, w), 1e-6, *f64(cos, sin), H), torch.float32)
+
+
+def test_rms_norm_reference_matches_torch():
+    x, w = rand(2, 5, 192), rand(192)
+    expect = torch.nn.functional.rms_norm(x, (192,), w, eps=1e-6).unflatten(-1, (3, 64))
+    torch.testing.assert_close(rms_norm_rope_reference(x, w, 1e-6, None, None, 3), expect)
+
+
+@pytest.mark.parametrize("dtype", ALL)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 64), (2, 9, 3, 64), (1, 5, 2, 16)])
+def test_rope(shape, dtype):
+    _, L, _, d = shape
+    x = rand(*shape, dtype=dtype)
+    cos, sin = rope_tables(L, d)
+    out = rope(x, cos, sin)
+    check_ulp(out, rope_reference(*f64(x, cos, sin)), dtype)
+
+
+def test_rope_on_cache_view_and_conventions():
+    """Keys read from a (B, Lmax, H, d) cache slice; the reference equals complex multiplication of adjacent
+    pairs (x[2i] + i x[2i+1]) * e^(i angle), and zero angles are the identity."""
+    B, Lmax, L, H, d = 2, 20, 13, 3, 32
+    cache = rand(B, Lmax, H, d)
+    k = cache[:, 3:3 + L]
+    ang = rand(L, d // 2, scale=3.0)
+    out = rope(k, ang.cos(), ang.sin())
+    complex_rot = torch.view_as_real(torch.view_as_complex(k.double().unflatten(-1, (d // 2, 2)).contiguous())
+                                     * torch.polar(torch.ones_like(ang.double()), ang.double())[:, None])
+    torch.testing.assert_close(rope_reference(*f64(k, ang.cos(), ang.sin())), complex_rot.flatten(-2))
+    check_ulp(out, complex_rot.flatten(-2), torch.float32)
+    zero = torch.zeros(L, d // 2, device=DEVICE)
+    torch.testing.assert_close(rope(k, zero.cos(), zero.sin()), k, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------------- attention
+
+
+def monotone_limits(Lq, Lk, low=0):
+    return torch.sort(torch.randint(low, Lk + 1, (Lq,), device=DEVICE))[0].to(torch.int32)
+
+
+def chunk_causal_limits(q_chunks, k_before):
+    """The cache refresh: query chunk j (lengths q_chunks) sees k_before keys plus chunks 0..j."""
+    ends = torch.cumsum(torch.tensor(q_chunks), 0) + k_before
+    return torch.repeat_interleave(ends, torch.tensor(q_chunks)).to(torch.int32).to(DEVICE)
+
+
+def check_attention(out, q, k, v, kv_limit=None, scale=None):
+    ref = attention_reference(*f64(q, k, v), kv_limit, scale)
+    assert out.dtype == q.dtype and out.shape == q.shape[:3] + (v.shape[-1],)
+    assert torch.isfinite(out).all()
+    err = (out.double() - ref).abs().max().item()
+    if q.dtype == torch.float32:
+        assert err <= 1e-5, err
+    else:  # FlashAttention rule: no worse than twice plain torch in the same low precision
+        base = attention_reference(q, k, v, kv_limit, scale, compute_dtype=q.dtype)
+        base_err = (base.double() - ref).abs().max().item()
+        assert err <= 2 * base_err + 1e-5, (err, base_err)
+
+
+ATTN_SHAPES = [  # (B, Lq, Lk, H, d): L=1, ragged tails, exact tile multiples, several tiles, d 16..128
+    (1, 1, 1, 1, 64),
+    (1, 1, 70, 2, 64),
+    (2, 37, 75, 2, 64),
+    (1, 64, 64, 1, 32),
+    (1, 45, 130, 3, 32),
+    (1, 20, 40, 1, 128),
+    (1, 33, 50, 2, 16),
+]
+
+
+@pytest.mark.parametrize("mask", ["all", "monotone"])
+@pytest.mark.parametrize("dtype", ATTN_DTYPES)
+@pytest.mark.parametrize("shape", ATTN_SHAPES)
+def test_chunk_attention(shape, dtype, mask):
+    """Fixed 32x32 tiles (on a GPU the autotuner would compile a dozen configs per shape: see the next test)."""
+    B, Lq, Lk, H, d = shape
+    q, k, v = rand(B, Lq, H, d, dtype=dtype), rand(B, Lk, H, d, dtype=dtype), rand(B, Lk, H, d, dtype=dtype)
+    kv_limit = None if mask == "all" else monotone_limits(Lq, Lk)
+    check_attention(chunk_attention(q, k, v, kv_limit, block_m=32, block_n=32), q, k, v, kv_limit)
+
+
+@pytest.mark.parametrize("mask", ["all", "monotone"])
+@pytest.mark.parametrize("dtype", ATTN_DTYPES)
+def test_chunk_attention_autotuned(dtype, mask):
+    """The default path (autotuner; one small config under the interpreter)."""
+    B, Lq, Lk, H, d = 1, 70, 150, 2, 64
+    q, k, v = rand(B, Lq, H, d, dtype=dtype), rand(B, Lk, H, d, dtype=dtype), rand(B, Lk, H, d, dtype=dtype)
+    kv_limit = None if mask == "all" else monotone_limits(Lq, Lk)
+    check_attention(chunk_attention(q, k, v, kv_limit), q, k, v, kv_limit)
+
+
+@pytest.mark.parametrize("blocks", [(16, 16), (16, 64), (64, 16), (32, 32)])
+@pytest.mark.parametrize("dtype", ATTN_DTYPES)
+def test_chunk_attention_blocks_and_chunk_causal(blocks, dtype):
+    """Explicit tile sizes (BLOCK_M != BLOCK_N both ways) on the refresh mask: 20 cached keys, then runs of
+    query chunks of ragged lengths; tiles past a query tile's limit are skipped, partial ones masked."""
+    chunks = [9, 30, 25]
+    Lq, Lk, H, d = sum(chunks), 20 + sum(chunks), 2, 32
+    q, k, v = rand(1, Lq, H, d, dtype=dtype), rand(1, Lk, H, d, dtype=dtype), rand(1, Lk, H, d, dtype=dtype)
+    kv_limit = chunk_causal_limits(chunks, 20)
+    out = chunk_attention(q, k, v, kv_limit, block_m=blocks[0], block_n=blocks[1])
+    check_attention(out, q, k, v, kv_limit)
+
+
+def test_chunk_attention_strided_views_and_scale():
+    """q/k/v read in place from a fused (B, L, 3, H, d) projection and k/v from a longer cache buffer."""
+    B, L, H, d = 2, 21, 2, 32
+    qkv = rand(B, L, 3, H, d)
+    q = qkv[:, :, 0]
+    k_cache, v_cache = rand(B, 50, H, d), rand(B, 50, H, d)
+    k, v = k_cache[:, :33], v_cache[:, :33]
+    check_attention(chunk_attention(q, k, v, scale=0.3), q, k, v, scale=0.3)
+    k, v = qkv[:, :, 1], qkv[:, :, 2]
+    kv_limit = monotone_limits(L, L, low=1)
+    check_attention(chunk_attention(q, k, v, kv_limit), q, k, v, kv_limit)
+
+
+def test_chunk_attention_limit_edge_cases():
+    """Limit 0 gives zero rows (not NaN); limits past Lk are clamped; d = 8 and 48 are padded to 16 / 64."""
+    q, k, v = rand(1, 40, 2, 32), rand(1, 50, 2, 32), rand(1, 50, 2, 32)
+    kv_limit = monotone_limits(40, 50)
+    kv_limit[:7] = 0
+    kv_limit[-3:] = 1000
+    out = chunk_attention(q, k, v, kv_limit)
+    assert (out[:, :7] == 0).all()
+    check_attention(out, q, k, v, kv_limit.clamp(max=50))
+    for d in (8, 48):
+        q, k, v = rand(1, 19, 1, d), rand(1, 35, 1, d), rand(1, 35, 1, d)
+        check_attention(chunk_attention(q, k, v), q, k, v)
+
+
+@pytest.mark.parametrize("blocks", [(16, 16), (32, 32)])
+def test_chunk_attention_never_reads_past_limits(blocks):
+    """Keys/values past the largest limit (e.g. cache slots not yet written) are NaN: whole tiles past a query
+    tile's limits are skipped and the partial tile stops loading at its largest limit, so no NaN leaks in."""
+    Lq, Lk, H, d = 40, 90, 2, 32
+    q, k, v = rand(1, Lq, H, d), rand(1, Lk, H, d), rand(1, Lk, H, d)
+    kv_limit = chunk_causal_limits([10, 30], 20)  # 30, then 60: keys 60..89 are never visible
+    k[:, 60:] = float("nan")
+    v[:, 60:] = float("nan")
+    out = chunk_attention(q, k, v, kv_limit, block_m=blocks[0], block_n=blocks[1])
+    check_attention(out, q, k[:, :60], v[:, :60], kv_limit)
+
+
+def test_attention_reference_matches_sdpa():
+    """The reference's prefix mask and scale agree with torch SDPA given the equivalent boolean mask."""
+    B, Lq, Lk, H, d = 2, 13, 29, 3, 16
+    q, k, v = f64(rand(B, Lq, H, d), rand(B, Lk, H, d), rand(B, Lk, H, d))
+    kv_limit = monotone_limits(Lq, Lk, low=1)
+    keep = torch.arange(Lk, device=DEVICE)[None] < kv_limit[:, None].long()
+    expect = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=keep, scale=0.2
+    ).transpose(1, 2)
+    torch.testing.assert_close(attention_reference(q, k, v, kv_limit, scale=0.2, compute_dtype=torch.float64), expect)
+
+
+def test_chunk_attention_rejects_bad_inputs():
+    q = rand(1, 8, 2, 32)
+    with pytest.raises(ValueError):
+        chunk_attention(q, rand(1, 8, 3, 32), rand(1, 8, 3, 32))
+    with pytest.raises(ValueError):
+        chunk_attention(q, q, q, kv_limit=torch.zeros(7, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(TypeError):
+        chunk_attention(q, q.half(), q.half())
+    with pytest.raises(ValueError):
+        chunk_attention(rand(1, 8, 1, 256), rand(1, 8, 1, 256), rand(1, 8, 1, 256))
