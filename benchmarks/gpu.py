@@ -1,6 +1,6 @@
 """Everything the GPU has to say in one call: kernel checks and speeds, fast-path correctness, stream latency.
 
-    PYTHONPATH=. python benchmarks/gpu.py            # on a CUDA machine; writes JSON and markdown under $OUT
+    python -m benchmarks.gpu        # from the repository root on a CUDA machine; JSON and markdown go under $OUT
 
 Sections (each can be skipped): kernels (benchmarks/kernels.py), correctness of the fast path against the plain torch
 path on final latents, latency of the 1.3B stream per step budget, attention backends A/B, 14B latency, VAE decode.
@@ -59,7 +59,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda")
     report: dict = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
-                    "command": "python benchmarks/gpu.py " + " ".join(sys.argv[1:])}
+                    "command": "python -m benchmarks.gpu " + " ".join(sys.argv[1:])}
     import triton
 
     report["triton"] = triton.__version__
