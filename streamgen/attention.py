@@ -55,8 +55,12 @@ class Mask:
     dense: Tensor | None  # (Lq, Lk) bool, True where the query may attend the key, otherwise
 
     @staticmethod
-    def from_runs(visible: Tensor, q_lens: list[int], k_lens: list[int]) -> Mask:
-        """A run-level visibility matrix (Rq, Rk) over runs of the given token counts."""
+    def from_runs(visible: Tensor, q_lens: list[int], k_lens: list[int], device=None) -> Mask:
+        """A run-level visibility matrix (Rq, Rk) over runs of the given token counts.
+
+        Prefix masks never touch the device (so they can be built inside a CUDA-graph capture); a dense mask is
+        built on `device` (default: visible's).
+        """
         rows = visible.cpu()
         k_ends = torch.tensor(k_lens).cumsum(0).tolist()
         blocks, start = [], 0
@@ -68,8 +72,8 @@ class Mask:
             start += n
         else:
             return Mask(blocks, None)
-        dev = visible.device
-        dense = visible.repeat_interleave(torch.tensor(q_lens, device=dev), 0)
+        dev = device or visible.device
+        dense = visible.to(dev).repeat_interleave(torch.tensor(q_lens, device=dev), 0)
         return Mask(None, dense.repeat_interleave(torch.tensor(k_lens, device=dev), 1))
 
 

@@ -31,7 +31,8 @@ class BudgetResult:
     total_s: float  # whole video, decode included
     latents_s: float  # whole video without decoding (separate run)
     frames: int
-    peak_gib: float
+    peak_gib: float  # whole stream with decode
+    peak_latents_gib: float  # transformer and cache alone
 
     @property
     def fps(self) -> float:
@@ -70,25 +71,27 @@ def run_budget(pipe: Pipeline, steps: int, prompt: torch.Tensor, height: int, wi
     total = now(device) - start
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
     latent_frames, h, w = pipe.latent_size(height, width, frames)
+    torch.cuda.reset_peak_memory_stats(device) if device.type == "cuda" else None
     start = now(device)
     for _ in pipe.generator.stream(prompt.to(device), height=h, width=w, num_frames=latent_frames, steps=steps,
                                    seed=0):
         pass
     latents = now(device) - start
-    return BudgetResult(steps, first, chunk_s, decode_s, total, latents, count, peak)
+    peak_latents = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    return BudgetResult(steps, first, chunk_s, decode_s, total, latents, count, peak, peak_latents)
 
 
 def markdown(results: list[BudgetResult], title: str) -> str:
     lines = [f"### {title}", "",
              "| steps | first frame (s) | chunk min / median / max (s) | last / second chunk | latents only (s) | "
-             "with decode (s) | fps (latents) | fps (end to end) | peak GiB |",
+             "with decode (s) | fps (latents) | fps (end to end) | peak GiB (latents only) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         c = r.chunk_s
         growth = c[-1] / c[1] if len(c) > 2 else float("nan")
         lines.append(f"| {r.steps} | {r.first_frame_s:.3f} | {min(c):.3f} / {statistics.median(c):.3f} / {max(c):.3f} "
                      f"| {growth:.2f} | {r.latents_s:.2f} | {r.total_s:.2f} | {r.fps_latents:.1f} | {r.fps:.1f} "
-                     f"| {r.peak_gib:.1f} |")
+                     f"| {r.peak_gib:.1f} ({r.peak_latents_gib:.1f}) |")
     return "\n".join(lines)
 
 

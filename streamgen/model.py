@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from streamgen.attention import Mask, attention
 from streamgen.checkpoint import CheckpointError, component_dir, load_weights, read_config, save_weights
 from streamgen.config import TransformerConfig
+from streamgen.graphs import GraphRunner, tensor_key
 from streamgen.rope import RotaryTables, apply_rotary
 
 # Parameters kept in float32 whatever dtype the model runs in (the names are path components of their keys).
@@ -287,6 +288,7 @@ class CausalWanTransformer(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
         self.rope = RotaryTables(cfg.attention_head_dim, cfg.patch_size, cfg.compressed_patch_size)
         self.gradient_checkpointing = False
+        self.cuda_graphs = GraphRunner()  # inference on CUDA replays captured graphs; `.enabled = False` to opt out
 
     @property
     def dtype(self) -> torch.dtype:
@@ -328,7 +330,37 @@ class CausalWanTransformer(nn.Module):
         """Run the transformer over `runs`.
 
         visible: (R, R) bool, run i's tokens may attend run j's tokens; None = all see all. The past is always visible.
+        Inference on CUDA goes through captured CUDA graphs: the velocities returned are then valid until the next
+        call.
         """
+        if self.device.type != "cuda" or torch.is_grad_enabled() or want_kv or not self.cuda_graphs.enabled:
+            return self._forward(runs, text, visible, past, want_velocity, want_kv)
+        fresh = [x for run in runs for x in (run.latents, run.t, run.r)] + [x for kv in text for x in kv]
+        key = (
+            tuple((tuple(r.latents.shape), r.latents.dtype, r.first_frame, r.compressed) for r in runs),
+            tuple(tuple(x.shape) for x in fresh),
+            None if visible is None else visible.cpu().numpy().tobytes(),
+            None if past is None else (tensor_key(past.keys), tensor_key(past.values), past.length),
+            want_velocity,
+        )
+
+        def replayable(*tensors: Tensor) -> Output:
+            it = iter(tensors)
+            static_runs = [Run(next(it), next(it), next(it), r.first_frame, r.compressed) for r in runs]
+            static_text = [(next(it), next(it)) for _ in text]
+            return self._forward(static_runs, static_text, visible, past, want_velocity, False)
+
+        return self.cuda_graphs(key, replayable, fresh)
+
+    def _forward(
+        self,
+        runs: list[Run],
+        text: list[tuple[Tensor, Tensor]],
+        visible: Tensor | None,
+        past: Past | None,
+        want_velocity: bool,
+        want_kv: bool,
+    ) -> Output:
         grids = [self.token_grid(run.latents, run.compressed) for run in runs]
         lens = [math.prod(g) for g in grids]
         tokens, cos, sin, segments = [], [], [], []
@@ -353,7 +385,7 @@ class CausalWanTransformer(nn.Module):
             past_len = 0 if past is None else past.length
             if past_len:
                 visible = torch.cat([torch.ones(len(runs), 1, dtype=torch.bool, device=visible.device), visible], 1)
-            mask = Mask.from_runs(visible.to(x.device), lens, ([past_len] if past_len else []) + lens)
+            mask = Mask.from_runs(visible, lens, ([past_len] if past_len else []) + lens, device=x.device)
 
         keys, values = [], []
         for i, block in enumerate(self.blocks):

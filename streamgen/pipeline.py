@@ -7,8 +7,12 @@ conditioned on synthetic captions carry `text_encoder/config.json` naming `WordH
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import queue
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, PositiveFloat, PositiveInt, Validati
 
 from streamgen.checkpoint import CheckpointError, read_config
 from streamgen.config import preset
-from streamgen.engine import Budget, Generator, LatentChunk, chunk_sizes, now
+from streamgen.engine import Budget, Generator, LatentChunk, chunk_sizes
 from streamgen.media import fit_frames, read_frames
 from streamgen.model import CausalWanTransformer, load_transformer, save_transformer
 from streamgen.text import CachedTextEncoder, TextEncoder, UMT5TextEncoder, WordHashEncoder
@@ -136,18 +140,62 @@ class Pipeline:
         embeds = self.prompt_embeds(prompt).to(self.transformer.device)
         context_latents = None if context is None else self.vae.encode(context.to(self.vae.device))
         decoder = self.vae.stream_decoder()
+        chunks = self.generator.stream(embeds, height=h, width=w, num_frames=latent_frames, steps=steps, seed=seed,
+                                       context=context_latents)
+        cuda = self.vae.device.type == "cuda"
+        decode_stream = torch.cuda.Stream(self.vae.device) if cuda else None
         first_frame = 0
-        for chunk in self.generator.stream(embeds, height=h, width=w, num_frames=latent_frames, steps=steps,
-                                           seed=seed, context=context_latents):
-            t0 = now(self.vae.device)
-            frames = to_uint8_frames(decoder.decode(chunk.latents))
-            decode_s = now(self.vae.device) - t0
-            yield FrameChunk(chunk.index, first_frame, frames, chunk, decode_s)
+        for chunk in (_one_ahead(chunks, self.transformer.device) if cuda else chunks):
+            t0 = time.perf_counter()
+            with torch.cuda.stream(decode_stream) if cuda else contextlib.nullcontext():
+                if cuda:
+                    chunk.latents.record_stream(decode_stream)
+                frames = to_uint8_frames(decoder.decode(chunk.latents))  # host copy: waits for this stream only
+            yield FrameChunk(chunk.index, first_frame, frames, chunk, time.perf_counter() - t0)
             first_frame += frames.shape[1]
 
     def generate(self, prompt, **kwargs) -> np.ndarray:
         """All frames (B, F, H, W, 3) uint8."""
         return np.concatenate([c.frames for c in self.stream(prompt, **kwargs)], axis=1)
+
+
+def _one_ahead(chunks: Iterator[LatentChunk], device: torch.device) -> Iterator[LatentChunk]:
+    """Run the generator in a thread on its own CUDA stream, one chunk ahead of the caller.
+
+    While the caller decodes chunk k on its stream, chunk k+1 is being denoised: the VAE fills the GPU time the
+    transformer's small kernels leave idle. The queue holds one chunk, so memory stays bounded.
+    """
+    ready: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            own_stream = torch.cuda.stream(torch.cuda.Stream(device)) if device.type == "cuda" else None
+            with own_stream or contextlib.nullcontext():
+                for chunk in chunks:
+                    while not stop.is_set():
+                        try:
+                            ready.put(chunk, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+            ready.put(done)
+        except BaseException as e:  # handed to the consumer, raised there
+            ready.put(e)
+
+    thread = threading.Thread(target=produce, daemon=True, name="streamgen-generator")
+    thread.start()
+    try:
+        while (item := ready.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _load_text_encoder(root: Path, device: torch.device) -> TextEncoder | None:

@@ -52,3 +52,27 @@ def test_save_load_round_trip(pipe, tmp_path):
     a = pipe.generate("a red circle", steps=1, seed=0, num_frames=5)
     b = loaded.generate("a red circle", steps=1, seed=0, num_frames=5)
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def test_one_ahead_runs_the_generator_in_a_thread():
+    import threading
+
+    from streamgen.pipeline import _one_ahead
+
+    seen_threads = []
+
+    def gen(n, fail_at=None):
+        for i in range(n):
+            seen_threads.append(threading.current_thread().name)
+            if i == fail_at:
+                raise RuntimeError("boom at 2")
+            yield i
+
+    assert list(_one_ahead(gen(5), torch.device("cpu"))) == [0, 1, 2, 3, 4]
+    assert set(seen_threads) == {"streamgen-generator"}
+    with pytest.raises(RuntimeError, match="boom at 2"):
+        list(_one_ahead(gen(5, fail_at=2), torch.device("cpu")))
+    it = _one_ahead(gen(1000), torch.device("cpu"))
+    assert next(it) == 0
+    it.close()  # stops and joins the producer
+    assert not any(t.name == "streamgen-generator" for t in threading.enumerate())

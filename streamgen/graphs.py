@@ -1,0 +1,65 @@
+"""CUDA-graph replay of inference forward passes.
+
+A streaming chunk is small: at 1.3B dims a one-frame chunk is a few ms of GPU math behind about a thousand kernel
+launches, so launches, not math, set its latency. The forwards the sampler makes repeat exactly from one video to
+the next (same shapes, same cache buffers), so each is captured once and replayed.
+
+A graph reads its inputs at the addresses it was captured with. Tensors passed fresh each call are copied into
+static buffers before a replay; tensors read in place (the KV cache) belong to the key with address, shape and
+strides, so another buffer gets another graph and a reused address holds data of the same layout. Outputs are the
+graph's own buffers: valid until the next replay, so callers consume them at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger("streamgen")
+
+
+def tensor_key(t: Tensor) -> tuple:
+    """Identity of a tensor read in place by a graph: where it lives and how it is laid out."""
+    return t.data_ptr(), tuple(t.shape), t.stride(), t.dtype
+
+
+class GraphRunner:
+    def __init__(self, max_graphs: int = 32):
+        self.max_graphs = max_graphs
+        self.graphs: OrderedDict[Hashable, tuple[torch.cuda.CUDAGraph, list[Tensor], object]] = OrderedDict()
+        self.pool = None
+        self.enabled = True
+
+    def __call__(self, key: Hashable, fn: Callable, inputs: Sequence[Tensor]):
+        """fn(*inputs), replayed from a graph captured at the first call with this key."""
+        entry = self.graphs.get(key)
+        if entry is None:
+            static = [x.clone() for x in inputs]
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn(*static)  # warm-up off the capture: autotuning, cuDNN plans, lazily built tables
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, pool=self.pool):
+                    out = fn(*static)
+            except RuntimeError as e:
+                log.warning("CUDA graph capture failed, running eagerly from now on: %s", e)
+                self.enabled = False
+                return fn(*inputs)
+            self.pool = graph.pool()
+            entry = (graph, static, out)
+            self.graphs[key] = entry
+            if len(self.graphs) > self.max_graphs:
+                self.graphs.popitem(last=False)
+        self.graphs.move_to_end(key)
+        graph, static, out = entry
+        for dst, src in zip(static, inputs):
+            dst.copy_(src)
+        graph.replay()
+        return out
