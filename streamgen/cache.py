@@ -8,13 +8,26 @@ the whole prefix gives, at a cost that does not grow with the video.
 
 Keys are stored rotated at their positions, so reading the context costs nothing extra at every step; positions
 can still be re-indexed exactly later by rotating by the offset, since rotations compose.
+
+Endless streams (`window_layout`, `KVCache.reindex`): the context is bounded to the first chunk (the anchor) plus the
+newest compressed chunks that fit in the trained position range, laid out at contiguous positions after the anchor.
+When an old compressed entry leaves, the entries after it move down. Two policies:
+
+- keep (default, constant cost): the moved entries' keys are rotated by their position offset and their keys and
+  values are otherwise kept, computed under the context they had, which still held the entry that left
+  (StreamingLLM-style). This is an APPROXIMATION of the FAR scheme on the new layout: exact only where an entry's
+  whole context moved with it by the same offset (rotary attention depends on position differences only).
+- recompute (exact): the cache is cut before the first entry that left or moved, and the refresh re-encodes the rest
+  at the new positions. The cache then equals a from-scratch FAR encode of the new layout, at the price of
+  re-encoding the (bounded) context after every eviction.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -37,6 +50,65 @@ def context_layout(chunk_sizes: Sequence[int], num_final: int, full_chunk_limit:
     starts = [sum(chunk_sizes[:i]) for i in range(num_final)]
     first_full = max(0, num_final - (full_chunk_limit - 1))
     return [Entry(i, starts[i], chunk_sizes[i], i < first_full) for i in range(num_final)]
+
+
+def window_layout(
+    chunk_size: Callable[[int], int], num_final: int, full_chunk_limit: int, max_frames: int, window: int | None,
+    floor: int = 1,
+) -> tuple[list[Entry], int]:
+    """The bounded context of chunk `num_final` in an endless stream, and the new eviction floor.
+
+    Entries: the anchor (chunk 0, compressed once it leaves the full window), the newest compressed chunks that fit,
+    then the last `full_chunk_limit - 1` chunks at full resolution, at contiguous positions from 0, so that they and
+    the chunk about to be generated span at most `max_frames` positions (the trained range). `window` caps the
+    number of compressed chunks besides the anchor (None: as many as fit). `floor` is the oldest chunk that may
+    still appear (earlier ones were evicted and never come back); pass the returned floor to the next call.
+    Until something has to leave, this is `context_layout` exactly.
+    """
+    first_full = max(0, num_final - (full_chunk_limit - 1))
+    full = list(range(first_full, num_final))
+    anchor = [0] if first_full > 0 else []
+    budget = max_frames - chunk_size(num_final) - sum(chunk_size(c) for c in anchor + full)
+    if budget < 0:
+        raise ValueError(
+            f"max_frames={max_frames} positions cannot hold the anchor, the full window and chunk {num_final} "
+            f"({max_frames - budget} frames)"
+        )
+    kept: list[int] = []
+    used, limit = 0, math.inf if window is None else window
+    for c in range(first_full - 1, max(1, floor) - 1, -1):
+        if used + chunk_size(c) > budget or len(kept) >= limit:
+            break
+        kept.append(c)
+        used += chunk_size(c)
+    kept.reverse()
+    layout, position = [], 0
+    for c in anchor + kept + full:
+        layout.append(Entry(c, position, chunk_size(c), c < first_full))
+        position += chunk_size(c)
+    return layout, (kept[0] if kept else max(first_full, 1))
+
+
+def rotate_time(keys: Tensor, delta: int, model: CausalWanTransformer) -> None:
+    """Move rotated keys (..., H, d) by `delta` frame positions, in place: only the time part of the head dim turns.
+
+    Rotary phases multiply, so keys rotated at position p and then by delta are keys rotated at p + delta (also for
+    compressed tokens, whose time phase is a renormalised mean over the frames they cover).
+    """
+    n = model.rope.dims[0]
+    angles = delta * model.rope.freqs[0]  # float64, one per time pair
+    cos, sin = angles.cos().float().to(keys.device), angles.sin().float().to(keys.device)
+    part = keys[..., :n].float().unflatten(-1, (-1, 2))
+    x0, x1 = part[..., 0], part[..., 1]
+    keys[..., :n] = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).to(keys.dtype)
+
+
+_live: weakref.WeakSet[KVCache] = weakref.WeakSet()
+
+
+def live_caches() -> int:
+    """KV caches holding their buffers now (not released, not garbage-collected): a leak check for servers."""
+    return len(_live)
 
 
 def entry_grid(model: CausalWanTransformer, e: Entry, height: int, width: int) -> tuple[int, int, int]:
@@ -62,6 +134,7 @@ class KVCache:
         self.values = torch.zeros(shape, dtype=model.dtype, device=model.device)
         self.entries: list[Entry] = []
         self.length = 0
+        _live.add(self)
 
     @classmethod
     def for_layouts(cls, model: CausalWanTransformer, batch: int, height: int, width: int,
@@ -79,6 +152,48 @@ class KVCache:
 
     def clear(self) -> None:
         self.entries, self.length = [], 0
+
+    def release(self) -> None:
+        """Give the buffers back now (a stream that ended or whose client left); the cache holds nothing after."""
+        self.keys = self.values = torch.empty(0, dtype=self.keys.dtype, device=self.keys.device)
+        self.clear()
+        _live.discard(self)
+
+    @torch.no_grad()
+    def reindex(self, layout: list[Entry], recompute: bool = False) -> tuple[int, int]:
+        """Before a refresh to `layout`: drop entries of chunks it no longer holds, move the others to its positions.
+
+        keep (recompute=False): kept entries are compacted towards the front of the buffers and their keys rotated
+        by their position offset; their values and keys are otherwise those computed under their old context (see
+        the module docstring: an approximation once an earlier entry left). recompute=True: the cache is cut before
+        the first entry that left or moved, so the refresh re-encodes the rest exactly. Entries whose kind changed
+        (full -> compressed) are left for the refresh to find. Returns (entries dropped, entries moved).
+        """
+        target = {e.chunk: e for e in layout}
+        kept: list[Entry] = []
+        read = write = dropped = moved = 0
+        for i, e in enumerate(self.entries):
+            n = self.tokens(e)
+            new = target.get(e.chunk)
+            if recompute and (new is None or new.first_frame != e.first_frame):
+                dropped = sum(1 for later in self.entries[i:] if later.chunk not in target)
+                break
+            if new is None:
+                dropped += 1
+            else:
+                if read != write:  # overlapping move towards the front: copy through a temporary, layer by layer
+                    for buf in (self.keys, self.values):
+                        for layer in buf:
+                            layer[:, write:write + n] = layer[:, read:read + n].clone()
+                if new.first_frame != e.first_frame:
+                    rotate_time(self.keys[:, :, write:write + n], new.first_frame - e.first_frame, self.model)
+                    moved += 1
+                    e = replace(e, first_frame=new.first_frame)
+                kept.append(e)
+                write += n
+            read += n
+        self.entries, self.length = kept, write
+        return dropped, moved
 
     def past(self) -> Past:
         return Past(self.keys, self.values, self.length)

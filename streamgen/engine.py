@@ -3,6 +3,12 @@
 For each chunk: draw (or take) its noise, run its step budget of flow-map jumps against the cached context, hand the
 final latents to the caller, then bring the cache up to date for the next chunk. Context frames (I2V / V2V) are
 treated as chunks that are already final: they only go through the cache step.
+
+`Generator.open` gives that loop as an object, `LatentStream`, one chunk per `next()`: between chunks the caller may
+change the prompt (optionally re-encoding the cached context under it) and the step budget. With `num_frames=None` the
+stream is endless: the context is bounded to an anchor (the first chunk) plus a window of compressed chunks, at
+positions re-indexed into the trained range, in preallocated buffers (see `streamgen.cache` for what stays exact).
+`Generator.stream` is a loop over a `LatentStream`.
 """
 
 from __future__ import annotations
@@ -15,11 +21,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from streamgen.cache import Entry, KVCache, context_layout, entry_tokens
+from streamgen.cache import Entry, KVCache, context_layout, entry_tokens, window_layout
 from streamgen.model import CausalWanTransformer, Run
 from streamgen.schedule import Schedule, as_schedule, jump
 
 Budget = int | Schedule
+EVICTION = ("keep", "recompute")
 
 
 @dataclass
@@ -31,6 +38,9 @@ class LatentChunk:
     from_context: bool  # given by the caller (I2V/V2V), not generated
     context_s: float  # seconds spent refreshing the KV cache before this chunk
     denoise_s: float  # seconds spent denoising this chunk
+    position: int = -1  # rotary frame index of its first frame (differs from first_frame once an endless stream
+    #                     re-indexed; -1 when unknown)
+    recomputed: int = 0  # cache entries (re)computed before this chunk
 
 
 def now(device: torch.device) -> float:
@@ -64,6 +74,33 @@ class Generator:
     def default_frames(self) -> int:
         return sum(self.model.config.chunk_partition)
 
+    def open(
+        self,
+        prompt_embeds: Tensor,
+        *,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
+        steps: Budget = 4,
+        seed: int | None = None,
+        noise: Tensor | None = None,
+        context: Tensor | None = None,
+        window: int | None = None,
+        max_frames: int | None = None,
+        evict: str = "keep",
+    ) -> LatentStream:
+        """A stream of latent chunks, one per `next()`; `num_frames=None` (and no `noise`) makes it endless.
+
+        Arguments as for `stream`, with one budget `steps` (change it between chunks with `set_steps` or per chunk
+        with `next_chunk(steps=...)`). Endless streams only: `max_frames` positions the context and the chunk being
+        generated may span (default: the trained length, `sum(chunk_partition)`), `window` caps the compressed
+        chunks kept besides the anchor (default: as many as fit), `evict` is "keep" (rotate kept entries: constant
+        cost, approximate) or "recompute" (re-encode after an eviction: exact). See `streamgen.cache`.
+        """
+        return LatentStream(self, prompt_embeds, height=height, width=width, num_frames=num_frames, steps=steps,
+                            seed=seed, noise=noise, context=context, window=window, max_frames=max_frames,
+                            evict=evict)
+
     @torch.no_grad()
     def stream(
         self,
@@ -80,80 +117,20 @@ class Generator:
         """Yield the video's latent chunks in order as soon as each is final.
 
         prompt_embeds: (B, L, text_dim). height/width: latent size (taken from `noise` when given).
+        num_frames: latent frames (default: the trained length; for an endless stream use `open`).
         steps: one budget for every generated chunk, or a sequence with one budget per generated chunk.
         noise: (B, C, F, H, W) for the whole video, consumed chunk by chunk; else drawn per chunk from `seed`.
         context: (B, C, Fc, H, W) normalised latents of given frames (I2V/V2V), covering whole chunks.
         """
-        cfg = self.model.config
-        device = self.model.device
-        if prompt_embeds.ndim != 3 or prompt_embeds.shape[-1] != cfg.text_dim:
-            raise ValueError(f"prompt_embeds must be (batch, tokens, {cfg.text_dim}), got {tuple(prompt_embeds.shape)}")
-        batch = prompt_embeds.shape[0]
-        if noise is not None:
-            if noise.ndim != 5 or noise.shape[0] != batch or noise.shape[1] != cfg.in_channels:
-                raise ValueError(
-                    f"noise must be (batch={batch}, channels={cfg.in_channels}, frames, height, width), "
-                    f"got {tuple(noise.shape)}"
-                )
-            if num_frames not in (None, noise.shape[2]) or height not in (None, noise.shape[3]) or width not in (
-                None, noise.shape[4]
-            ):
-                raise ValueError(f"noise shape {tuple(noise.shape)} contradicts num_frames/height/width given")
-            num_frames, height, width = noise.shape[2:]
-        if height is None or width is None:
-            raise ValueError("give height and width (latent units) or a noise tensor")
-        num_frames = self.default_frames if num_frames is None else num_frames
-        self._check_size(height, width)
-        sizes = chunk_sizes(cfg.chunk_partition, num_frames)
-        starts = [sum(sizes[:i]) for i in range(len(sizes))]
-
-        num_context = 0
-        if context is not None:
-            expect = (batch, cfg.in_channels, None, height, width)
-            if context.ndim != 5 or any(e is not None and e != s for e, s in zip(expect, context.shape)):
-                raise ValueError(f"context must be (batch={batch}, {cfg.in_channels}, frames, {height}, {width}), "
-                                 f"got {tuple(context.shape)}")
-            covered = [sum(sizes[: i + 1]) for i in range(len(sizes))]
-            if context.shape[2] not in covered:
-                raise ValueError(f"context has {context.shape[2]} latent frames; it must cover whole chunks, i.e. one "
-                                 f"of {covered[:6]}...")
-            num_context = covered.index(context.shape[2]) + 1
-            if num_context == len(sizes):
-                raise ValueError("context covers the whole video: nothing left to generate")
-
-        budgets = self._budgets(steps, len(sizes) - num_context)
-        if noise is None:
-            rng = torch.Generator("cpu").manual_seed(secrets.randbits(63) if seed is None else seed)
-
-        text = self.model.encode_text(prompt_embeds.to(device))
-        layouts = [context_layout(sizes, k, cfg.full_chunk_limit) for k in range(1, len(sizes))]
-        chunk_tokens = max(entry_tokens(self.model, Entry(0, 0, n, False), height, width) for n in sizes)
-        cache = KVCache.for_layouts(self.model, batch, height, width, layouts, chunk_tokens)
-        final: dict[int, Tensor] = {}
-
-        for k, (size, start) in enumerate(zip(sizes, starts)):
-            t0 = now(device)
-            if k:
-                cache.refresh(layouts[k - 1], final.__getitem__, text)
-                for old in [c for c in final if c <= k - cfg.full_chunk_limit]:
-                    del final[old]
-            t1 = now(device)
-            if k < num_context:
-                z, schedule = context[:, :, start:start + size].to(device, torch.float32), None
-            else:
-                shape = (batch, cfg.in_channels, size, height, width)
-                z = (noise[:, :, start:start + size] if noise is not None else torch.randn(shape, generator=rng))
-                z = z.to(device, torch.float32)
-                schedule = budgets[k - num_context]
-                past = cache.past()
-                for t, r in schedule:
-                    tt = torch.full((batch,), t, device=device)
-                    rr = torch.full((batch,), r, device=device)
-                    u = self.model([Run(z, tt, rr, start)], text, past=past).velocities[0]
-                    z = jump(z, u, t, r)
-            t2 = now(device)
-            final[k] = z
-            yield LatentChunk(k, start, z, 0 if schedule is None else len(schedule), schedule is None, t1 - t0, t2 - t1)
+        if num_frames is None and noise is None:
+            num_frames = self.default_frames
+        single = isinstance(steps, (int, Schedule))
+        with self.open(prompt_embeds, height=height, width=width, num_frames=num_frames, steps=steps if single else 1,
+                       seed=seed, noise=noise, context=context) as video:
+            budgets = None if single else self._budgets(steps, video.num_chunks - video.num_context)
+            for k in range(video.num_chunks):
+                generated = k - video.num_context
+                yield video.next_chunk(None if budgets is None or generated < 0 else budgets[generated])
 
     def generate(self, prompt_embeds: Tensor, **kwargs) -> Tensor:
         """The whole latent video (B, C, F, H, W), context frames included."""
@@ -173,3 +150,204 @@ class Generator:
         if len(steps) != n:
             raise ValueError(f"got {len(steps)} step budgets for {n} generated chunks")
         return [as_schedule(s, self.shift) for s in steps]
+
+
+class LatentStream:
+    """One video in the making: `next_chunk()` (or `next()`) makes the next chunk final and returns it.
+
+    Between chunks the caller may `set_prompt` (the new prompt applies from the next chunk: it is denoised under it and
+    every cache entry computed from then on is encoded under it; `recache=True` also re-encodes the entries already
+    cached, so the cache equals encoding the whole context under the new prompt) and `set_steps`. Not thread-safe:
+    call it from one thread (see `streamgen.session.Session` for a thread-safe front).
+
+    Finite streams (`num_frames` given) are exactly the FAR scheme (what `Generator.stream` yields). Endless streams
+    bound their context (see `streamgen.cache.window_layout`): positions are re-indexed into the trained range and the
+    buffers are allocated once, so memory is flat however long the stream runs. Until the first eviction an endless
+    stream equals the finite one; after it, exactness depends on `evict` (see `streamgen.cache`).
+    """
+
+    def __init__(self, generator: Generator, prompt_embeds: Tensor, *, height: int | None, width: int | None,
+                 num_frames: int | None, steps: Budget, seed: int | None, noise: Tensor | None,
+                 context: Tensor | None, window: int | None, max_frames: int | None, evict: str):
+        model = self.model = generator.model
+        cfg = model.config
+        self.shift = generator.shift
+        self.device = model.device
+        if prompt_embeds.ndim != 3 or prompt_embeds.shape[-1] != cfg.text_dim:
+            raise ValueError(f"prompt_embeds must be (batch, tokens, {cfg.text_dim}), got {tuple(prompt_embeds.shape)}")
+        batch = self.batch = prompt_embeds.shape[0]
+        if noise is not None:
+            if noise.ndim != 5 or noise.shape[0] != batch or noise.shape[1] != cfg.in_channels:
+                raise ValueError(
+                    f"noise must be (batch={batch}, channels={cfg.in_channels}, frames, height, width), "
+                    f"got {tuple(noise.shape)}"
+                )
+            if num_frames not in (None, noise.shape[2]) or height not in (None, noise.shape[3]) or width not in (
+                None, noise.shape[4]
+            ):
+                raise ValueError(f"noise shape {tuple(noise.shape)} contradicts num_frames/height/width given")
+            num_frames, height, width = noise.shape[2:]
+        if height is None or width is None:
+            raise ValueError("give height and width (latent units) or a noise tensor")
+        generator._check_size(height, width)
+        if evict not in EVICTION:
+            raise ValueError(f"evict must be one of {', '.join(EVICTION)}, got {evict!r}")
+        if window is not None and window < 0:
+            raise ValueError(f"window must be >= 0 compressed chunks, got {window}")
+        self.height, self.width = height, width
+        self.endless = num_frames is None
+        self.evict, self.window = evict, window
+        self.max_frames = sum(cfg.chunk_partition) if max_frames is None else max_frames
+        self.partition = list(cfg.chunk_partition)
+        self.sizes = None if self.endless else chunk_sizes(cfg.chunk_partition, num_frames)
+        self.num_chunks: int | None = None if self.endless else len(self.sizes)
+
+        self.num_context = 0
+        if context is not None:
+            expect = (batch, cfg.in_channels, None, height, width)
+            if context.ndim != 5 or any(e is not None and e != s for e, s in zip(expect, context.shape)):
+                raise ValueError(f"context must be (batch={batch}, {cfg.in_channels}, frames, {height}, {width}), "
+                                 f"got {tuple(context.shape)}")
+            covered, total = [], 0
+            while total < context.shape[2] or len(covered) < 6:
+                if self.num_chunks is not None and len(covered) == self.num_chunks:
+                    break
+                total += self.chunk_size(len(covered))
+                covered.append(total)
+            if context.shape[2] not in covered:
+                raise ValueError(f"context has {context.shape[2]} latent frames; it must cover whole chunks, i.e. one "
+                                 f"of {covered[:6]}...")
+            self.num_context = covered.index(context.shape[2]) + 1
+            if self.num_context == self.num_chunks:
+                raise ValueError("context covers the whole video: nothing left to generate")
+        self._steps = as_schedule(steps, self.shift)
+        self.noise, self.context = noise, context
+        self.rng = None
+        if noise is None:
+            self.rng = torch.Generator("cpu").manual_seed(secrets.randbits(63) if seed is None else seed)
+
+        self._floor = 1
+        if self.endless:
+            layouts, floor = [], 1
+            for k in range(1, len(self.partition) + self.max_frames + cfg.full_chunk_limit + 2):
+                layout, floor = window_layout(self.chunk_size, k, cfg.full_chunk_limit, self.max_frames, window, floor)
+                layouts.append(layout)
+            most = max(self.partition)
+        else:
+            layouts = [context_layout(self.sizes, k, cfg.full_chunk_limit) for k in range(1, len(self.sizes))]
+            most = max(self.sizes)
+        chunk_tokens = entry_tokens(model, Entry(0, 0, most, False), height, width)
+        self.text = model.encode_text(prompt_embeds.to(self.device))
+        self.cache: KVCache | None = KVCache.for_layouts(model, batch, height, width, layouts, chunk_tokens)
+        self.final: dict[int, Tensor] = {}  # latents of the chunks the cache may have to (re)encode
+        self.layout: list[Entry] = []  # the context of the next chunk, once it is refreshed
+        self.index = 0  # next chunk
+        self.frame = 0  # its first latent frame in the video
+        self._recache = False
+        self.prompt_version = 0  # set_prompt calls so far; a chunk is made under the version current at its start
+
+    # -- shape of the video ------------------------------------------------------------------------------------------
+
+    def chunk_size(self, k: int) -> int:
+        """Latent frames of chunk k: `chunk_partition`, then its largest size."""
+        if self.sizes is not None:
+            return self.sizes[k]
+        return self.partition[k] if k < len(self.partition) else max(self.partition)
+
+    @property
+    def done(self) -> bool:
+        return self.cache is None or (self.num_chunks is not None and self.index >= self.num_chunks)
+
+    # -- control between chunks --------------------------------------------------------------------------------------
+
+    @property
+    def steps(self) -> Schedule:
+        return self._steps
+
+    def set_steps(self, steps: Budget) -> None:
+        """Step budget of the chunks generated from now on."""
+        self._steps = as_schedule(steps, self.shift)
+
+    def set_prompt(self, prompt_embeds: Tensor, recache: bool = False) -> None:
+        """Condition the chunks from the next one on `prompt_embeds` (same batch size); see the class docstring."""
+        cfg = self.model.config
+        if prompt_embeds.ndim != 3 or prompt_embeds.shape[0] != self.batch or prompt_embeds.shape[-1] != cfg.text_dim:
+            raise ValueError(f"prompt_embeds must be (batch={self.batch}, tokens, {cfg.text_dim}), "
+                             f"got {tuple(prompt_embeds.shape)}")
+        with torch.no_grad():
+            self.text = self.model.encode_text(prompt_embeds.to(self.device))
+        self._recache = self._recache or recache
+        self.prompt_version += 1
+
+    # -- the chunk loop ----------------------------------------------------------------------------------------------
+
+    def __iter__(self) -> LatentStream:
+        return self
+
+    def __next__(self) -> LatentChunk:
+        if self.done:
+            raise StopIteration
+        return self.next_chunk()
+
+    @torch.no_grad()
+    def next_chunk(self, steps: Budget | None = None) -> LatentChunk:
+        """Make chunk `index` final and return it; `steps` overrides the budget for this chunk only."""
+        if self.cache is None:
+            raise RuntimeError("the stream is closed")
+        if self.done:
+            raise RuntimeError(f"the video is complete ({self.num_chunks} chunks)")
+        k, size, start = self.index, self.chunk_size(self.index), self.frame
+        cfg, device, batch = self.model.config, self.device, self.batch
+        schedule = None if k < self.num_context else (self._steps if steps is None else as_schedule(steps, self.shift))
+        t0 = now(device)
+        recomputed = 0
+        if self._recache:
+            self.cache.clear()
+            self._recache = False
+        if k:
+            if self.endless:
+                self.layout, self._floor = window_layout(self.chunk_size, k, cfg.full_chunk_limit, self.max_frames,
+                                                         self.window, self._floor)
+                self.cache.reindex(self.layout, recompute=self.evict == "recompute")
+            else:
+                self.layout = context_layout(self.sizes, k, cfg.full_chunk_limit)
+            recomputed = self.cache.refresh(self.layout, self.final.__getitem__, self.text)
+            keep = {e.chunk for e in self.layout}
+            for old in [c for c in self.final if c not in keep]:
+                del self.final[old]
+        position = sum(e.frames for e in self.layout)
+        t1 = now(device)
+        if schedule is None:
+            z = self.context[:, :, start:start + size].to(device, torch.float32)
+        else:
+            if self.noise is not None:
+                z = self.noise[:, :, start:start + size]
+            else:
+                z = torch.randn((batch, cfg.in_channels, size, self.height, self.width), generator=self.rng)
+            z = z.to(device, torch.float32)
+            past = self.cache.past()
+            for t, r in schedule:
+                tt = torch.full((batch,), t, device=device)
+                rr = torch.full((batch,), r, device=device)
+                u = self.model([Run(z, tt, rr, position)], self.text, past=past).velocities[0]
+                z = jump(z, u, t, r)
+        t2 = now(device)
+        self.final[k] = z
+        self.index, self.frame = k + 1, start + size
+        return LatentChunk(k, start, z, 0 if schedule is None else len(schedule), schedule is None, t1 - t0, t2 - t1,
+                           position, recomputed)
+
+    # -- lifetime ----------------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free the KV cache and the kept latents at once; the stream makes no more chunks."""
+        if self.cache is not None:
+            self.cache.release()
+            self.cache = None
+        self.final.clear()
+
+    def __enter__(self) -> LatentStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
