@@ -18,6 +18,13 @@ its feature cache computes):
 Every other layer (RMS norm, SiLU, spatial resampling, per-frame attention) acts on each frame alone. Chunked coding
 keeps, per layer, the last input frames it still needs (`TimeCache`) and runs each layer once over
 [kept frames + chunk], so a chunk of many frames costs one pass per layer rather than one per frame.
+
+Memory traffic, not arithmetic, is most of what is left to save around the convs. A causal conv's input is built in
+one buffer: the kept frames (or zeros) are copied to its head and the layer before it writes the chunk straight into
+its tail (`CausalConv3d.input_buffer`), so no [kept frames + chunk] concatenation is made. On CUDA without autograd
+the RMS norm (+ SiLU) is one Triton kernel (`kernels/vae_ops.py`) that writes there; `set_fused_kernels(False)`
+selects the plain torch ops, which autograd and CPUs always use. Every step keeps the activations' memory format, so
+`WanVAE.to_channels_last()` runs the whole network channels-last (cuDNN's native layout) without layout changes.
 """
 
 from __future__ import annotations
@@ -110,6 +117,35 @@ def preset(name: str) -> VaeConfig:
     return VaeConfig(**stats, **presets[name])
 
 
+_fused_kernels = True
+
+
+def set_fused_kernels(enabled: bool) -> None:
+    """Use the Triton RMS norm (+ SiLU) kernel of `kernels/vae_ops.py` on CUDA (default) or plain torch ops.
+
+    The torch path is the reference the benchmark checks the fused one against; autograd always takes it.
+    """
+    global _fused_kernels
+    _fused_kernels = enabled
+
+
+def _fused(x: torch.Tensor) -> bool:
+    return _fused_kernels and x.is_cuda and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The format for new activations made from x: channels_last(_3d) when channels are x's innermost dim (a
+    channels-last activation or a slice of one), else contiguous."""
+    if x.dim() in (4, 5) and x.shape[1] > 1 and x.stride(1) == 1 and x.shape[2:].numel() > 1:
+        return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _frame_format(x: torch.Tensor) -> torch.memory_format:
+    """Memory format for (B * T, C, H, W) frames made from the 5D activation x: channels_last if x is channels-last."""
+    return torch.channels_last if _memory_format(x) == torch.channels_last_3d else torch.contiguous_format
+
+
 class TimeCache:
     """What the temporal layers of one encoder or decoder keep between chunks of one video.
 
@@ -147,14 +183,31 @@ class CausalConv3d(nn.Conv3d):
         self.past_frames = 2 * pad_t
 
     def forward(self, x: torch.Tensor, cache: TimeCache | None = None) -> torch.Tensor:
-        if self.past_frames:
-            past = cache.past.get(self) if cache is not None else None
-            if past is None:
-                past = x.new_zeros(x.shape[0], x.shape[1], self.past_frames, *x.shape[3:])
-            x = torch.cat([past, x], dim=2)
-            if cache is not None:
-                cache.past[self] = x[:, :, -self.past_frames :].clone()  # clone: don't pin the whole chunk
-        return super().forward(x)
+        if not self.past_frames:
+            return super().forward(x)
+        buffer, chunk = self.input_buffer(x, cache)
+        chunk.copy_(x)
+        return self.forward_buffer(buffer, cache)
+
+    def input_buffer(self, x: torch.Tensor, cache: TimeCache | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The conv's input for chunk-shaped x (B, C, T, H, W): a (B, C, past + T, H, W) buffer in x's memory format
+        whose first frames hold the kept past (zeros at the video start), and the view of its last T frames, which
+        the caller fills with the chunk (directly, so no concatenation is made) before `forward_buffer`."""
+        b, c, t, h, w = x.shape
+        p = self.past_frames
+        buffer = torch.empty((b, c, p + t, h, w), dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
+        past = cache.past.get(self) if cache is not None else None
+        if past is None:
+            buffer[:, :, :p].zero_()
+        else:
+            buffer[:, :, :p].copy_(past)
+        return buffer, buffer[:, :, p:]
+
+    def forward_buffer(self, buffer: torch.Tensor, cache: TimeCache | None) -> torch.Tensor:
+        """Convolve a filled `input_buffer`, keeping its last frames for the next chunk."""
+        if cache is not None:
+            cache.past[self] = buffer[:, :, -self.past_frames :].clone()  # clone: don't pin the whole chunk
+        return super().forward(buffer)
 
 
 class RMSNorm(nn.Module):
@@ -165,8 +218,23 @@ class RMSNorm(nn.Module):
         self.scale = dim**0.5
         self.gamma = nn.Parameter(torch.ones(dim, 1, 1, 1) if frames else torch.ones(dim, 1, 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(x, dim=1) * self.scale * self.gamma
+    def forward(self, x: torch.Tensor, silu: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalise x (B, C, ...) over C, then SiLU if `silu`; written into `out` (x's shape) when given."""
+        if _fused(x):
+            from kernels.vae_ops import channel_rms_norm
+
+            return channel_rms_norm(x, self.gamma, silu=silu, out=out)
+        y = F.normalize(x, dim=1) * self.scale * self.gamma.view(-1, *(1,) * (x.dim() - 2))
+        if silu:
+            y = F.silu(y)
+        return y if out is None else out.copy_(y)
+
+
+def _norm_silu_conv(norm: RMSNorm, conv: CausalConv3d, x: torch.Tensor, cache: TimeCache | None) -> torch.Tensor:
+    """conv(silu(norm(x))), the norm writing its output straight into the conv's input buffer."""
+    buffer, chunk = conv.input_buffer(x, cache)
+    norm(x, silu=True, out=chunk)
+    return conv.forward_buffer(buffer, cache)
 
 
 class ResidualBlock(nn.Module):
@@ -181,8 +249,11 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: TimeCache | None = None) -> torch.Tensor:
         h = self.conv_shortcut(x)
-        x = self.conv1(F.silu(self.norm1(x)), cache)
-        x = self.conv2(self.dropout(F.silu(self.norm2(x))), cache)
+        x = _norm_silu_conv(self.norm1, self.conv1, x, cache)
+        if self.training and self.dropout.p > 0:
+            x = self.conv2(self.dropout(self.norm2(x, silu=True)), cache)
+        else:
+            x = _norm_silu_conv(self.norm2, self.conv2, x, cache)
         return x + h
 
 
@@ -197,7 +268,9 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: TimeCache | None = None) -> torch.Tensor:
         b, c, t, h, w = x.shape
-        y = self.norm(x.transpose(1, 2).reshape(b * t, c, h, w))
+        y = torch.empty((b * t, c, h, w), dtype=x.dtype, device=x.device,
+                        memory_format=_frame_format(x))
+        self.norm(x, out=y.view(b, t, c, h, w).transpose(1, 2))  # frames batched, without a transposed copy of x
         qkv = self.to_qkv(y).flatten(2).transpose(1, 2).unsqueeze(1)  # (b*t, 1, h*w, 3c)
         q, k, v = qkv.chunk(3, dim=-1)
         y = F.scaled_dot_product_attention(q, k, v)
@@ -242,13 +315,19 @@ class Resample(nn.Module):
 
     def _double_frames(self, x: torch.Tensor, cache: TimeCache | None, at_start: bool) -> torch.Tensor:
         # The video's first frame is not doubled; time_conv's stream starts at the second frame.
-        head, body = (x[:, :, :1], x[:, :, 1:]) if at_start else (None, x)
+        head, body = (x[:, :, :1], x[:, :, 1:]) if at_start else (x[:, :, :0], x)
         if body.shape[2] == 0:
             return x
         y = self.time_conv(body, cache)
         b, c2, t, h, w = y.shape
-        y = y.view(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c2 // 2, 2 * t, h, w)
-        return y if head is None else torch.cat([head, y], dim=2)
+        n = head.shape[2]
+        # Written frame-major ((B * F, C, H, W) memory), so the per-frame spatial conv that follows needs no copy.
+        out = torch.empty((b * (n + 2 * t), c2 // 2, h, w), dtype=y.dtype, device=y.device,
+                          memory_format=_frame_format(x))
+        out = out.view(b, n + 2 * t, c2 // 2, h, w).transpose(1, 2)
+        out[:, :, :n] = head
+        out[:, :, n:].unflatten(2, (t, 2)).copy_(y.view(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5))
+        return out
 
     def _halve_frames(self, x: torch.Tensor, cache: TimeCache | None, at_start: bool) -> torch.Tensor:
         # Stride-2 windows are aligned to the video's first frame, which is also passed through on its own.
@@ -305,7 +384,7 @@ class Encoder3d(nn.Module):
         for block in self.down_blocks:
             x = block(x, cache)
         x = self.mid_block(x, cache)
-        return self.conv_out(F.silu(self.norm_out(x)), cache)
+        return _norm_silu_conv(self.norm_out, self.conv_out, x, cache)
 
 
 class UpBlock(nn.Module):
@@ -346,7 +425,7 @@ class Decoder3d(nn.Module):
         x = self.mid_block(self.conv_in(x, cache), cache)
         for block in self.up_blocks:
             x = block(x, cache)
-        return self.conv_out(F.silu(self.norm_out(x)), cache)
+        return _norm_silu_conv(self.norm_out, self.conv_out, x, cache)
 
 
 class WanVAE(nn.Module):
@@ -361,6 +440,7 @@ class WanVAE(nn.Module):
         self.quant_conv = CausalConv3d(2 * z, 2 * z, 1)
         self.post_quant_conv = CausalConv3d(z, z, 1)
         self.decoder = Decoder3d(config)
+        self.memory_format = torch.contiguous_format  # of activations (and conv weights); see to_channels_last
         self._stats: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
@@ -393,6 +473,20 @@ class WanVAE(nn.Module):
         config = self.config.to_json_dict()
         config.setdefault("_class_name", "AutoencoderKLWan")
         save_weights(self, Path(folder), config)
+
+    def to_channels_last(self, enabled: bool = True) -> WanVAE:
+        """Store conv weights channels-last and code with channels-last activations (False: back to channels-first).
+
+        cuDNN computes its fast convolutions channels-last, so this saves it converting every conv's input and
+        output; all other layers keep whatever format they are given. Results equal the default layout's within
+        the convolution algorithms' rounding. Checkpoints are written contiguous either way.
+        """
+        self.memory_format = torch.channels_last_3d if enabled else torch.contiguous_format
+        for m in self.modules():
+            if isinstance(m, nn.Conv3d | nn.Conv2d):
+                fmt = (torch.channels_last_3d if m.weight.dim() == 5 else torch.channels_last) if enabled else None
+                m.weight.data = m.weight.data.contiguous(memory_format=fmt or torch.contiguous_format)
+        return self
 
     # -- latent normalisation ------------------------------------------------------------------------------------
 
@@ -455,17 +549,17 @@ class WanVAE(nn.Module):
         s = self.config.spatial_factor
         if video.shape[3] % s or video.shape[4] % s:
             raise ValueError(f"video height and width must be multiples of {s}, got {tuple(video.shape[3:])}")
-        h = self.encoder(video.to(self.device, self.dtype), cache)
+        h = self.encoder(video.to(self.device, self.dtype, memory_format=self.memory_format), cache)
         z = self.config.z_dim
         mean = F.conv3d(h, self.quant_conv.weight[:z], self.quant_conv.bias[:z])  # the log-variance half is unused
-        return self.normalize(mean)
+        return self.normalize(mean.contiguous())
 
     def _decode_chunk(self, latents: torch.Tensor, cache: TimeCache | None) -> torch.Tensor:
         if latents.ndim != 5 or latents.shape[1] != self.config.z_dim or latents.shape[2] == 0:
             raise ValueError(f"expected latents (B, {self.config.z_dim}, f >= 1, h, w), got {tuple(latents.shape)}")
-        x = self.denormalize(latents.to(self.device, torch.promote_types(self.dtype, torch.float32))).to(self.dtype)
-        x = self.decoder(self.post_quant_conv(x), cache)
-        return x.float().clamp_(-1.0, 1.0)
+        x = self.denormalize(latents.to(self.device, torch.promote_types(self.dtype, torch.float32)))
+        x = self.decoder(self.post_quant_conv(x.to(self.dtype, memory_format=self.memory_format)), cache)
+        return x.to(torch.float32, memory_format=torch.contiguous_format).clamp_(-1.0, 1.0)
 
 
 class StreamingEncoder:

