@@ -25,6 +25,7 @@ When an old compressed entry leaves, the entries after it move down. Two policie
 from __future__ import annotations
 
 import math
+import threading
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -119,29 +120,72 @@ def entry_tokens(model: CausalWanTransformer, e: Entry, height: int, width: int)
     return math.prod(entry_grid(model, e, height, width))
 
 
+class BufferPool:
+    """KV buffers handed back by finished streams, lent again to the next stream of the same shape.
+
+    CUDA graphs read the cache in place, at the address they were captured with: a stream that gets the buffers of
+    an earlier one of the same video size replays that stream's graphs instead of capturing new ones. At most
+    `max_idle` idle buffers are kept per shape; `clear()` gives them all back to the allocator. Thread-safe.
+    """
+
+    def __init__(self, max_idle: int = 2):
+        self.max_idle = max_idle
+        self._idle: dict[tuple, list[Tensor]] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> tuple:
+        return tuple(shape), dtype, torch.device(device)
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A buffer of that shape: an idle one (stale contents) or a new zeroed one."""
+        with self._lock:
+            idle = self._idle.get(self._key(shape, dtype, device))
+            if idle:
+                return idle.pop()
+        return torch.zeros(shape, dtype=dtype, device=device)
+
+    def give(self, buffer: Tensor) -> None:
+        with self._lock:
+            idle = self._idle.setdefault(self._key(buffer.shape, buffer.dtype, buffer.device), [])
+            if len(idle) < self.max_idle:
+                idle.append(buffer)
+
+    def idle(self) -> int:
+        with self._lock:
+            return sum(len(v) for v in self._idle.values())
+
+    def clear(self) -> None:
+        with self._lock:
+            self._idle.clear()
+
+
 class KVCache:
-    def __init__(self, model: CausalWanTransformer, batch: int, height: int, width: int, capacity_tokens: int):
+    def __init__(self, model: CausalWanTransformer, batch: int, height: int, width: int, capacity_tokens: int,
+                 pool: BufferPool | None = None):
         """Buffers of `capacity_tokens` tokens per layer for a `height` x `width` latent video.
 
         Capacity covers the context plus the tokens of the chunk attending to it: a forward pass writes its own
-        keys and values right after the context (see `Past`).
+        keys and values right after the context (see `Past`). With a `pool` the buffers come from it and go back
+        to it on `release`.
         """
         cfg = model.config
         self.model = model
         self.height, self.width = height, width
+        self.pool = pool or BufferPool(max_idle=0)
         shape = (cfg.num_layers, batch, capacity_tokens, cfg.num_attention_heads, cfg.attention_head_dim)
-        self.keys = torch.zeros(shape, dtype=model.dtype, device=model.device)
-        self.values = torch.zeros(shape, dtype=model.dtype, device=model.device)
+        self.keys = self.pool.take(shape, model.dtype, model.device)
+        self.values = self.pool.take(shape, model.dtype, model.device)
         self.entries: list[Entry] = []
         self.length = 0
         _live.add(self)
 
     @classmethod
     def for_layouts(cls, model: CausalWanTransformer, batch: int, height: int, width: int,
-                    layouts: Iterable[list[Entry]], chunk_tokens: int) -> KVCache:
+                    layouts: Iterable[list[Entry]], chunk_tokens: int, pool: BufferPool | None = None) -> KVCache:
         """A cache just large enough for the largest of `layouts` plus a chunk of `chunk_tokens` attending to it."""
         need = max((sum(entry_tokens(model, e, height, width) for e in layout) for layout in layouts), default=0)
-        return cls(model, batch, height, width, need + chunk_tokens)
+        return cls(model, batch, height, width, need + chunk_tokens, pool)
 
     @property
     def capacity(self) -> int:
@@ -155,6 +199,9 @@ class KVCache:
 
     def release(self) -> None:
         """Give the buffers back now (a stream that ended or whose client left); the cache holds nothing after."""
+        if self.keys.numel():
+            self.pool.give(self.keys)
+            self.pool.give(self.values)
         self.keys = self.values = torch.empty(0, dtype=self.keys.dtype, device=self.keys.device)
         self.clear()
         _live.discard(self)

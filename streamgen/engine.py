@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from streamgen.cache import Entry, KVCache, context_layout, entry_tokens, window_layout
+from streamgen.cache import BufferPool, Entry, KVCache, context_layout, entry_tokens, window_layout
 from streamgen.model import CausalWanTransformer, Run
 from streamgen.schedule import Schedule, as_schedule, jump
 
@@ -69,6 +69,7 @@ class Generator:
     def __init__(self, model: CausalWanTransformer, shift: float = 5.0):
         self.model = model
         self.shift = shift
+        self.buffers = BufferPool()  # KV buffers reused by the next stream of the same size (and its CUDA graphs)
 
     @property
     def default_frames(self) -> int:
@@ -238,7 +239,8 @@ class LatentStream:
             most = max(self.sizes)
         chunk_tokens = entry_tokens(model, Entry(0, 0, most, False), height, width)
         self.text = model.encode_text(prompt_embeds.to(self.device))
-        self.cache: KVCache | None = KVCache.for_layouts(model, batch, height, width, layouts, chunk_tokens)
+        self.cache: KVCache | None = KVCache.for_layouts(model, batch, height, width, layouts, chunk_tokens,
+                                                             generator.buffers)
         self.final: dict[int, Tensor] = {}  # latents of the chunks the cache may have to (re)encode
         self.layout: list[Entry] = []  # the context of the next chunk, once it is refreshed
         self.index = 0  # next chunk

@@ -46,7 +46,8 @@ class GraphRunner:
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(graph, pool=self.pool):
+                # thread_local: the decoder may be running CUDA work in another thread meanwhile
+                with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                     out = fn(*static)
             except RuntimeError as e:
                 log.warning("CUDA graph capture failed, running eagerly from now on: %s", e)

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from streamgen.attention import Mask, attention
+from streamgen.attention import Mask, attention, select_backend
 from streamgen.checkpoint import CheckpointError, component_dir, load_weights, read_config, save_weights
 from streamgen.config import TransformerConfig
 from streamgen.graphs import GraphRunner, tensor_key
@@ -342,6 +342,7 @@ class CausalWanTransformer(nn.Module):
             None if visible is None else visible.cpu().numpy().tobytes(),
             None if past is None else (tensor_key(past.keys), tensor_key(past.values), past.length),
             want_velocity,
+            (_fused_kernels, select_backend(self.device.type, self.dtype)),  # a graph bakes in the kernels it ran
         )
 
         def replayable(*tensors: Tensor) -> Output:

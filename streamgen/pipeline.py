@@ -171,6 +171,8 @@ def _one_ahead(chunks: Iterator[LatentChunk], device: torch.device) -> Iterator[
 
     def produce() -> None:
         try:
+            if device.type == "cuda":
+                torch.cuda.set_device(device)  # a new thread has no current device (context) yet
             own_stream = torch.cuda.stream(torch.cuda.Stream(device)) if device.type == "cuda" else None
             with own_stream or contextlib.nullcontext():
                 for chunk in chunks:

@@ -57,3 +57,23 @@ def test_overflow_is_an_error(tiny_model, prompt):
     cache = KVCache.for_layouts(tiny_model, 1, 16, 16, [context_layout(sizes, 1, 3)], chunk_tokens=0)
     with pytest.raises(RuntimeError, match="too few"):
         cache.refresh(context_layout(sizes, 3, 3), finals.__getitem__, tiny_model.encode_text(prompt))
+
+
+def test_buffers_are_reused_by_the_next_stream_of_the_same_size(tiny_model, prompt):
+    """A finished stream hands its KV buffers to the next one (so CUDA graphs captured on them replay)."""
+    from streamgen.engine import Generator
+
+    gen = Generator(tiny_model)
+    first = gen.generate(prompt, height=16, width=16, steps=2, seed=3)
+    assert gen.buffers.idle() == 2
+    with gen.open(prompt, height=16, width=16, num_frames=gen.default_frames, steps=2, seed=3) as video:
+        assert gen.buffers.idle() == 0
+        reused = [video.cache.keys.data_ptr(), video.cache.values.data_ptr()]
+        again = torch.cat([c.latents for c in video], dim=2)
+    assert gen.buffers.idle() == 2
+    assert sorted(b.data_ptr() for b in sum(gen.buffers._idle.values(), [])) == sorted(reused)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)  # stale buffer contents never leak into a result
+    with gen.open(prompt, height=32, width=16, num_frames=gen.default_frames) as other:  # another size: new buffers
+        assert other.cache.keys.data_ptr() not in reused
+    gen.buffers.clear()
+    assert gen.buffers.idle() == 0
