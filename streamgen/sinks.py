@@ -17,7 +17,7 @@ may be called more than once; `abort()` after `close()` does nothing (the file i
 
 Sinks: `Mp4Sink` (H.264 file), `FragmentedMp4Sink` (fragmented MP4 bytes for a live viewer), `ImageFolderSink`
 (one PNG/JPEG per frame), `NumpySink` (in memory, optional `.npy`), `ThreadedSink` (any of these, on a background
-thread), and `open_sink(path, fps)` to pick one from a path.
+thread), and `open_sink(path, fps)` to pick one from a path. `ImageEncoder` gives single PNG/JPEG images as bytes.
 
 Colour: H.264 output is BT.709, limited range, and tagged so (VUI and the MP4 `colr` box), so browsers and players
 do not have to guess the matrix. JPEGs are BT.601 full range, as JFIF prescribes.
@@ -326,33 +326,50 @@ class ImageFolderSink(Sink):
     def _write(self, frames: np.ndarray) -> None:
         if self._encoder is None:
             self.folder.mkdir(parents=True, exist_ok=True)
-            self._encoder = self._open_encoder(*frames.shape[1:3])
+            self._encoder = ImageEncoder(self.format, self.quality)
         for i, frame in enumerate(frames):
-            video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-            if self.format == "jpeg":
-                video_frame = video_frame.reformat(format="yuv420p", dst_color_range=ColorRange.JPEG)
-            data = b"".join(bytes(p) for p in self._encoder.encode(video_frame))
-            _write_atomically(self.path_of(self.frames_written + i), data)
-
-    def _open_encoder(self, height: int, width: int):
-        if self.format == "png":
-            encoder = av.CodecContext.create("png", "w")
-            encoder.pix_fmt = "rgb24"
-        else:
-            encoder = av.CodecContext.create("mjpeg", "w")
-            encoder.pix_fmt = "yuv420p"
-            encoder.color_range = ColorRange.JPEG
-            encoder.sample_aspect_ratio = Fraction(1, 1)  # makes the encoder write a JFIF header
-            encoder.qmin = encoder.qmax = round(2 + (100 - self.quality) * 29 / 99)
-        encoder.width, encoder.height = width, height
-        encoder.time_base = Fraction(1, 1)
-        return encoder
+            _write_atomically(self.path_of(self.frames_written + i), self._encoder.encode(frame))
 
     def _close(self) -> None:
         pass
 
     def _abort(self) -> None:
         pass
+
+
+class ImageEncoder:
+    """(H, W, 3) uint8 RGB frames -> PNG or JPEG bytes in memory, with FFmpeg's encoders (no imaging library).
+
+    JPEG: 4:2:0, BT.601 full range with a JFIF header; `quality` 1..100 maps linearly onto the quantiser 31..2.
+    The encoder is opened on the first frame and reopened when the frame size changes.
+    """
+
+    def __init__(self, format: Literal["png", "jpeg"] = "jpeg", quality: int | None = 90) -> None:
+        self.format, self.quality = format, quality
+        self._codec = None
+
+    def encode(self, frame: np.ndarray) -> bytes:
+        height, width = frame.shape[:2]
+        if self._codec is None or (self._codec.height, self._codec.width) != (height, width):
+            self._codec = self._open(height, width)
+        video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+        if self.format == "jpeg":
+            video_frame = video_frame.reformat(format="yuv420p", dst_color_range=ColorRange.JPEG)
+        return b"".join(bytes(p) for p in self._codec.encode(video_frame))
+
+    def _open(self, height: int, width: int):
+        if self.format == "png":
+            codec = av.CodecContext.create("png", "w")
+            codec.pix_fmt = "rgb24"
+        else:
+            codec = av.CodecContext.create("mjpeg", "w")
+            codec.pix_fmt = "yuv420p"
+            codec.color_range = ColorRange.JPEG
+            codec.sample_aspect_ratio = Fraction(1, 1)  # makes the encoder write a JFIF header
+            codec.qmin = codec.qmax = round(2 + (100 - self.quality) * 29 / 99)
+        codec.width, codec.height = width, height
+        codec.time_base = Fraction(1, 1)
+        return codec
 
 
 class NumpySink(Sink):
