@@ -1,4 +1,4 @@
-"""`streamgen` command line: generate a video, describe a checkpoint.
+"""`streamgen` command line: generate a video, describe a checkpoint, serve live streams.
 
 Bad input ends with exit code 2 and one line naming the problem; the output file exists only if the run finished
 (sinks write under a temporary name and rename at the end).
@@ -7,17 +7,21 @@ Bad input ends with exit code 2 and one line naming the problem; the output file
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import sys
 import time
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 from safetensors import safe_open
 
 from streamgen.checkpoint import CheckpointError, weight_files
 from streamgen.media import MediaError
 from streamgen.pipeline import BUILTIN_DESCRIPTION, SETTINGS_NAME, Pipeline
+from streamgen.protocol import Limits
 from streamgen.sinks import ThreadedSink, open_sink
 from streamgen.text import EmbeddingFile
 
@@ -62,13 +66,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="describe a checkpoint folder")
     info.add_argument("model", type=Path)
+
+    srv = sub.add_parser("serve", help="serve live streams over websockets, with a browser page", description=(
+        "Serve live video streams steered by their viewers: open http://HOST:PORT/ in a browser, or speak the "
+        "websocket protocol (README, 'Serving'). Without --model, " + BUILTIN_DESCRIPTION + "."))
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine)")
+    srv.add_argument("--port", type=int, default=8765, help="default: 8765; 0 picks a free port")
+    srv.add_argument("--model", type=Path, help="pipeline folder (diffusers layout); default: the built-in model")
+    srv.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
+    srv.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    srv.add_argument("--max-streams", type=int, help="concurrent streams; beyond, clients get 'busy' (default 4)")
+    srv.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
+                     help="any server limit, e.g. --limit max_steps=8 --limit allow_endless=false (README, 'Serving')")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": generate, "info": info}[args.command](args)
+        return {"generate": generate, "info": info, "serve": serve}[args.command](args)
     except (UsageError, ValueError, CheckpointError, MediaError, FileNotFoundError, ImportError) as e:
         message = str(e).strip().splitlines()
         print(f"streamgen: error: {message[0] if message else type(e).__name__}", file=sys.stderr)
@@ -147,6 +163,32 @@ def info(args: argparse.Namespace) -> int:
     if (root / SETTINGS_NAME).is_file():
         report["settings"] = json.loads((root / SETTINGS_NAME).read_text())
     print(json.dumps(report, indent=2))
+    return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    from streamgen.server import StreamServer  # the websockets stack only for this command
+
+    fields = dict(item.partition("=")[::2] for item in args.limit)
+    if args.max_streams is not None:
+        fields["max_streams"] = str(args.max_streams)
+    try:
+        limits = Limits.model_validate_json(json.dumps(fields)) if fields else Limits()
+    except ValidationError as e:
+        raise UsageError("bad --limit: " + "; ".join(f"{err['loc'][0]}: {err['msg']}" for err in e.errors())) from None
+    if args.model is not None and not args.model.is_dir():
+        raise UsageError(f"{args.model}: no such model folder")
+    pipe = Pipeline.load(args.model, DTYPES.get(args.dtype), args.device)
+    server = StreamServer(pipe, args.host, args.port, limits, "" if args.model else BUILTIN_DESCRIPTION)
+
+    async def run() -> None:
+        async with server:
+            print(f"streamgen: serving on http://{args.host}:{server.port}/ ({pipe.transformer.device}, at most "
+                  f"{limits.max_streams} streams); Ctrl-C stops", file=sys.stderr)
+            await asyncio.Future()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
     return 0
 
 

@@ -1,7 +1,8 @@
 """The streaming server's wire protocol, version 1: JSON control messages and binary media messages.
 
-Text messages are JSON objects with a `type`; the client's are validated here (`parse_client_message`), unknown
-fields are errors. Binary messages go from server to client only: a fixed 24-byte big-endian header, then the payload:
+Text messages are JSON objects with a `type`; the client's are validated here (`parse_client_message`), strictly:
+unknown fields are errors and values are not coerced (`"steps": "4"` or `true` is refused, not read as a number).
+Binary messages go from server to client only: a fixed 24-byte big-endian header, then the payload:
 
 | offset | size | field |
 |---|---|---|
@@ -13,7 +14,7 @@ fields are errors. Binary messages go from server to client only: a fixed 24-byt
 | 12 | 4 | frame index (JPEG: the frame; MP4 segment: its first frame; init segment: 0) |
 | 16 | 8 | timestamp: float64 Unix time (server clock, seconds) at which the chunk was ready |
 
-The README's "Server protocol" section lists the messages; the pydantic models below are their definition.
+The README's "Serving" section lists the messages; the pydantic models below are their definition.
 """
 
 from __future__ import annotations
@@ -115,9 +116,11 @@ class Start(_ClientMessage):
     width: PositiveInt | None = None  # pixels; default: the model's
     height: PositiveInt | None = None
     frames: PositiveInt | None = None  # video frames (1 + 4k); null: endless
-    format: Literal["jpeg", "mp4"] = "jpeg"
+    format: Literal["jpeg", "fmp4"] = "jpeg"  # one binary message per JPEG frame, or per fragmented-MP4 segment
     quality: int = Field(85, ge=1, le=100)  # JPEG quality
     fps: float | None = Field(None, gt=0)  # deadline mode: pick the step budget per chunk to keep up with this
+    realtime: bool = True  # pace generation at the video's frame rate (at most about a chunk ahead of playback);
+    #                        false: as fast as the model goes (the client's queue still bounds what is kept)
 
 
 class SetPrompt(_StreamMessage):
@@ -185,7 +188,7 @@ def parse_client_message(data: str | bytes, limits: Limits) -> ClientMessage:
         raise ProtocolError("bad_json", f"not valid JSON: {e}") from None
     if not isinstance(raw, dict):
         raise ProtocolError("bad_message", f"a message is a JSON object with a 'type', got {type(raw).__name__}")
-    request_id = raw.get("id") if isinstance(raw.get("id"), str | int) else None
+    request_id = raw.get("id") if isinstance(raw.get("id"), str | int) and not isinstance(raw.get("id"), bool) else None
     if "type" not in raw:
         raise ProtocolError("bad_message", "the message has no 'type'", request_id)
     if raw["type"] not in CLIENT_TYPES:
@@ -196,7 +199,7 @@ def parse_client_message(data: str | bytes, limits: Limits) -> ClientMessage:
                             f"protocol version {raw['v']!r} is not supported; this server speaks {PROTOCOL_VERSION}",
                             request_id)
     try:
-        message = _client_adapter.validate_python(raw)
+        message = _client_adapter.validate_python(raw, strict=True)
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'][1:]) or 'message'}: {err['msg']}"
                              for err in e.errors())
@@ -254,9 +257,10 @@ class Started(_ServerMessage):
     height: int
     frames: int | None  # null: endless
     fps: float  # the video's frame rate (playback), not the generation speed
-    format: Literal["jpeg", "mp4"]
+    format: Literal["jpeg", "fmp4"]
     steps: int
     deadline_fps: float | None
+    realtime: bool
 
 
 class Media(_ServerMessage):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from streamgen.engine import LatentStream, now
+from streamgen.engine import EVICTION, LatentStream, now
 from streamgen.pipeline import Pipeline
 from streamgen.vae import to_uint8_frames
 
@@ -99,13 +99,18 @@ class Session:
                  evict: str = "keep", deadline_fps: float | None = None):
         self.pipeline = pipeline or Pipeline.load(None)
         s = self.pipeline.settings
-        self.height, self.width = height or s.height, width or s.width
+        self.height = s.height if height is None else height
+        self.width = s.width if width is None else width
         latent_frames, self.latent_height, self.latent_width = self.pipeline.latent_size(
             self.height, self.width, 1 if frames is None else frames)
         self.num_frames = frames
         self.latent_frames = None if frames is None else latent_frames
         self.fps = s.fps
         _check_steps(steps)
+        if evict not in EVICTION:  # the stream is opened lazily: refuse what it would refuse now
+            raise ValueError(f"evict must be one of {', '.join(EVICTION)}, got {evict!r}")
+        if window is not None and window < 0:
+            raise ValueError(f"window must be >= 0 compressed chunks, got {window}")
         self._options = dict(seed=seed, window=window, max_frames=max_frames, evict=evict)
         self._lock = threading.Lock()  # guards the pending changes below
         self._run = threading.Lock()  # one chunk at a time
@@ -126,6 +131,8 @@ class Session:
         """Switch to `prompt` from the next chunk on; `recache=True` re-encodes the cached context under it too (a
         smoother transition, at the cost of one encode of the whole context). Returns the new prompt version, which
         the first chunk made under it carries as `prompt_version`."""
+        if not isinstance(prompt, str | torch.Tensor):
+            raise ValueError(f"a prompt is text or prompt embeddings, got {type(prompt).__name__}")
         with self._lock:
             previous = self._pending_prompt
             self._pending_prompt = (prompt, recache or (previous is not None and previous[1]))
@@ -163,7 +170,7 @@ class Session:
         with self._run:
             if self.done:
                 return None
-            switch_s, version = 0.0, self.prompt_version
+            switch_s = 0.0
             with self._lock:
                 pending, self._pending_prompt = self._pending_prompt, None
                 if self._pending_steps is not None:
