@@ -127,7 +127,8 @@ def main() -> None:
             r = results[-1]
             print(f"1.3B steps {steps}: first {r.first_frame_s:.3f}s fps {r.fps:.1f} (latents {r.fps_latents:.1f}) "
                   f"chunks {[round(c, 3) for c in r.chunk_s]} decode {[round(d, 3) for d in r.decode_s]} "
-                  f"peak {r.peak_gib:.2f} GiB", flush=True)
+                  f"peak {r.peak_gib:.2f} GiB, graphs captured so far {pipe.transformer.cuda_graphs.captures}",
+                  flush=True)
         report["latency_1.3B"] = [vars(r) | {"fps": r.fps, "fps_latents": r.fps_latents} for r in results]
         table = markdown(results, f"1.3B, 480x832, 81 frames, bf16, {report['device']}, torch {torch.__version__}")
         (out / "latency_1.3B.md").write_text(table + "\n")

@@ -142,7 +142,7 @@ class BufferPool:
         with self._lock:
             idle = self._idle.get(self._key(shape, dtype, device))
             if idle:
-                return idle.pop()
+                return idle.pop(0)  # first given, first taken: keys get the old keys buffer, values the values
         return torch.zeros(shape, dtype=dtype, device=device)
 
     def give(self, buffer: Tensor) -> None:

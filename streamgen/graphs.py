@@ -33,6 +33,7 @@ class GraphRunner:
         self.graphs: OrderedDict[Hashable, tuple[torch.cuda.CUDAGraph, list[Tensor], object]] = OrderedDict()
         self.pool = None
         self.enabled = True
+        self.captures = 0  # graphs captured so far: a steady stream of them means keys are not repeating
 
     def __call__(self, key: Hashable, fn: Callable, inputs: Sequence[Tensor]):
         """fn(*inputs), replayed from a graph captured at the first call with this key."""
@@ -54,6 +55,7 @@ class GraphRunner:
                 self.enabled = False
                 return fn(*inputs)
             self.pool = graph.pool()
+            self.captures += 1
             entry = (graph, static, out)
             self.graphs[key] = entry
             if len(self.graphs) > self.max_graphs:
