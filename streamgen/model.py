@@ -243,7 +243,7 @@ class Block(nn.Module):
         x: Tensor,
         segments: list[Segment],
         rope: tuple[Tensor, Tensor],
-        text_kv: tuple[Tensor, Tensor],
+        text_kv: tuple[Tensor, Tensor] | Tensor,
         mask: Mask | None,
         past: tuple[Tensor, Tensor, int] | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
@@ -265,6 +265,8 @@ class Block(nn.Module):
         x = gated_add(x, self.attn1.out(attention(q, k_all, v_all, mask)), segments, gate=2)
 
         h = affine_norm(x, self.norm2) if isinstance(self.norm2, nn.LayerNorm) else x
+        if isinstance(text_kv, Tensor):  # projected text tokens: keys/values made here, inside the block's forward
+            text_kv = self.attn2.key_value(text_kv)
         x = x + self.attn2.out(attention(self.attn2.query(h), *text_kv))
 
         h = modulated_norm(x, segments, shift=3, scale=4, eps=self.eps)
@@ -321,7 +323,7 @@ class CausalWanTransformer(nn.Module):
     def forward(
         self,
         runs: list[Run],
-        text: list[tuple[Tensor, Tensor]],
+        text: list[tuple[Tensor, Tensor]] | Tensor,
         visible: Tensor | None = None,
         past: Past | None = None,
         want_velocity: bool = True,
@@ -329,11 +331,15 @@ class CausalWanTransformer(nn.Module):
     ) -> Output:
         """Run the transformer over `runs`.
 
+        text: per layer cross-attention keys/values (`encode_text`), or the projected text tokens (B, L, D) from
+        `condition_embedder.text_embedder`, whose keys/values each block then makes inside its own forward (what
+        per-block wrappers such as FSDP need: every block's parameters are used only within its forward).
         visible: (R, R) bool, run i's tokens may attend run j's tokens; None = all see all. The past is always visible.
         Inference on CUDA goes through captured CUDA graphs: the velocities returned are then valid until the next
         call.
         """
-        if self.device.type != "cuda" or torch.is_grad_enabled() or want_kv or not self.cuda_graphs.enabled:
+        if (self.device.type != "cuda" or torch.is_grad_enabled() or want_kv or not self.cuda_graphs.enabled
+                or isinstance(text, Tensor)):
             return self._forward(runs, text, visible, past, want_velocity, want_kv)
         fresh = [x for run in runs for x in (run.latents, run.t, run.r)] + [x for kv in text for x in kv]
         key = (
@@ -356,7 +362,7 @@ class CausalWanTransformer(nn.Module):
     def _forward(
         self,
         runs: list[Run],
-        text: list[tuple[Tensor, Tensor]],
+        text: list[tuple[Tensor, Tensor]] | Tensor,
         visible: Tensor | None,
         past: Past | None,
         want_velocity: bool,
@@ -391,10 +397,11 @@ class CausalWanTransformer(nn.Module):
         keys, values = [], []
         for i, block in enumerate(self.blocks):
             layer_past = None if past is None else (past.keys[i], past.values[i], past.length)
+            layer_text = text if isinstance(text, Tensor) else text[i]
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x, k, v = checkpoint(block, x, segments, rope, text[i], mask, layer_past, use_reentrant=False)
+                x, k, v = checkpoint(block, x, segments, rope, layer_text, mask, layer_past, use_reentrant=False)
             else:
-                x, k, v = block(x, segments, rope, text[i], mask, layer_past)
+                x, k, v = block(x, segments, rope, layer_text, mask, layer_past)
             if want_kv:
                 keys.append(k)
                 values.append(v)
