@@ -86,6 +86,8 @@ class Limits(BaseModel):
     max_streams_per_connection: PositiveInt = 2
     max_queued_chunks: PositiveInt = 4  # per stream; a slow client skips ahead (oldest chunks dropped)
     send_timeout_s: float = Field(30.0, gt=0)  # a client that takes no data for this long is disconnected
+    send_buffer_bytes: PositiveInt = 64 * 1024  # per connection, socket and websocket buffers: a backlog beyond
+    #   waits in the outbox, where a slow client skips ahead, not in buffers where it would only add latency
 
     @property
     def transport_max_bytes(self) -> int:

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import http
 import logging
+import socket
 import threading
 import time
 from collections import deque
@@ -300,7 +301,8 @@ class StreamServer:
     async def start(self) -> StreamServer:
         self.scheduler = Scheduler(self.limits.max_streams)
         self._server = await serve(self._handle, self.host, self.requested_port, process_request=self._http,
-                                   max_size=self.limits.transport_max_bytes, compression=None)
+                                   max_size=self.limits.transport_max_bytes, compression=None,
+                                   write_limit=self.limits.send_buffer_bytes // 2)
         return self
 
     async def close(self) -> None:
@@ -334,6 +336,9 @@ class StreamServer:
         return response
 
     async def _handle(self, ws: ServerConnection) -> None:
+        sock = ws.transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.limits.send_buffer_bytes // 2)
         connection = _Connection(self, ws)
         try:
             await connection.run()
