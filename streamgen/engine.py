@@ -36,15 +36,49 @@ class LatentChunk:
     latents: Tensor  # (B, C, f, H, W) float32, final
     steps: int  # flow-map jumps taken (0 for context chunks)
     from_context: bool  # given by the caller (I2V/V2V), not generated
-    context_s: float  # seconds spent refreshing the KV cache before this chunk
-    denoise_s: float  # seconds spent denoising this chunk
+    marks: tuple[Mark, Mark, Mark]  # start, cache refreshed, latents final (see `mark`)
     position: int = -1  # rotary frame index of its first frame (differs from first_frame once an endless stream
     #                     re-indexed; -1 when unknown)
     recomputed: int = 0  # cache entries (re)computed before this chunk
 
+    @property
+    def context_s(self) -> float:
+        """Seconds spent refreshing the KV cache before this chunk (waits for the chunk's work on CUDA)."""
+        return seconds(self.marks[0], self.marks[1])
+
+    @property
+    def denoise_s(self) -> float:
+        """Seconds spent denoising this chunk (waits for the chunk's work on CUDA)."""
+        return seconds(self.marks[1], self.marks[2])
+
+    @property
+    def ready(self) -> torch.cuda.Event | None:
+        """On CUDA, the event after which the latents are final: another stream waits on it, not on the whole queue."""
+        return self.marks[2] if isinstance(self.marks[2], torch.cuda.Event) else None
+
+
+Mark = float | torch.cuda.Event
+
+
+def mark(device: torch.device) -> Mark:
+    """A point on the device's timeline: a recorded CUDA event (no stall: the generator keeps queueing work while
+    the caller decodes the previous chunk), else the wall clock."""
+    if device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
+
+
+def seconds(start: Mark, end: Mark) -> float:
+    if isinstance(end, torch.cuda.Event):
+        end.synchronize()
+        return start.elapsed_time(end) / 1000
+    return end - start
+
 
 def now(device: torch.device) -> float:
-    """Wall-clock seconds once the device's queued work is done, so chunk timings are real."""
+    """Wall-clock seconds once the device's queued work is done (for whole-request timings)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
@@ -301,7 +335,7 @@ class LatentStream:
         k, size, start = self.index, self.chunk_size(self.index), self.frame
         cfg, device, batch = self.model.config, self.device, self.batch
         schedule = None if k < self.num_context else (self._steps if steps is None else as_schedule(steps, self.shift))
-        t0 = now(device)
+        t0 = mark(device)
         recomputed = 0
         if self._recache:
             self.cache.clear()
@@ -318,7 +352,7 @@ class LatentStream:
             for old in [c for c in self.final if c not in keep]:
                 del self.final[old]
         position = sum(e.frames for e in self.layout)
-        t1 = now(device)
+        t1 = mark(device)
         if schedule is None:
             z = self.context[:, :, start:start + size].to(device, torch.float32)
         else:
@@ -333,10 +367,10 @@ class LatentStream:
                 rr = torch.full((batch,), r, device=device)
                 u = self.model([Run(z, tt, rr, position)], self.text, past=past).velocities[0]
                 z = jump(z, u, t, r)
-        t2 = now(device)
+        t2 = mark(device)
         self.final[k] = z
         self.index, self.frame = k + 1, start + size
-        return LatentChunk(k, start, z, 0 if schedule is None else len(schedule), schedule is None, t1 - t0, t2 - t1,
+        return LatentChunk(k, start, z, 0 if schedule is None else len(schedule), schedule is None, (t0, t1, t2),
                            position, recomputed)
 
     # -- lifetime ----------------------------------------------------------------------------------------------------

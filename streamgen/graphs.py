@@ -62,7 +62,6 @@ class GraphRunner:
                 self.graphs.popitem(last=False)
         self.graphs.move_to_end(key)
         graph, static, out = entry
-        for dst, src in zip(static, inputs):
-            dst.copy_(src)
+        torch._foreach_copy_(static, list(inputs))  # one call for all inputs: dozens of copies, one launch each
         graph.replay()
         return out

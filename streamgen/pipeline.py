@@ -7,11 +7,8 @@ conditioned on synthetic captions carry `text_encoder/config.json` naming `WordH
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import queue
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -61,6 +58,8 @@ class Pipeline:
         self.text_encoder = None if text_encoder is None else CachedTextEncoder(text_encoder)
         self.settings = settings or PipelineSettings()
         self.generator = Generator(transformer, shift=self.settings.shift)
+        cuda = vae.device.type == "cuda"
+        self._decode_stream = torch.cuda.Stream(vae.device) if cuda else None  # decoding beside the denoising
 
     # -- loading ---------------------------------------------------------------------------------------------------
 
@@ -142,62 +141,42 @@ class Pipeline:
         decoder = self.vae.stream_decoder()
         chunks = self.generator.stream(embeds, height=h, width=w, num_frames=latent_frames, steps=steps, seed=seed,
                                        context=context_latents)
-        cuda = self.vae.device.type == "cuda"
-        decode_stream = torch.cuda.Stream(self.vae.device) if cuda else None
         first_frame = 0
-        for chunk in (_one_ahead(chunks, self.transformer.device) if cuda else chunks):
+        for chunk in (chunks if self._decode_stream is None else _one_ahead(chunks)):
             t0 = time.perf_counter()
-            with torch.cuda.stream(decode_stream) if cuda else contextlib.nullcontext():
-                if cuda:
-                    chunk.latents.record_stream(decode_stream)
-                frames = to_uint8_frames(decoder.decode(chunk.latents))  # host copy: waits for this stream only
+            frames = self._decode(decoder, chunk)
             yield FrameChunk(chunk.index, first_frame, frames, chunk, time.perf_counter() - t0)
             first_frame += frames.shape[1]
+
+    def _decode(self, decoder, chunk: LatentChunk) -> np.ndarray:
+        """Frames of a chunk, decoded on the side stream on CUDA: it waits for this chunk's latents only, so the
+        next chunk's denoising (already queued on the main stream) runs alongside."""
+        if self._decode_stream is None:
+            return to_uint8_frames(decoder.decode(chunk.latents))
+        self._decode_stream.wait_event(chunk.ready)
+        with torch.cuda.stream(self._decode_stream):
+            chunk.latents.record_stream(self._decode_stream)
+            return to_uint8_frames(decoder.decode(chunk.latents))  # the host copy waits for this stream only
 
     def generate(self, prompt, **kwargs) -> np.ndarray:
         """All frames (B, F, H, W, 3) uint8."""
         return np.concatenate([c.frames for c in self.stream(prompt, **kwargs)], axis=1)
 
 
-def _one_ahead(chunks: Iterator[LatentChunk], device: torch.device) -> Iterator[LatentChunk]:
-    """Run the generator in a thread on its own CUDA stream, one chunk ahead of the caller.
+def _one_ahead(chunks: Iterator[LatentChunk]) -> Iterator[LatentChunk]:
+    """Yield chunk k once chunk k + 1 has been queued on the device.
 
-    While the caller decodes chunk k on its stream, chunk k+1 is being denoised: the VAE fills the GPU time the
-    transformer's small kernels leave idle. The queue holds one chunk, so memory stays bounded.
+    The generator never waits for the device (its timings are CUDA events), so asking it for chunk k + 1 queues that
+    chunk's whole denoising; decoding chunk k then fills the GPU time the transformer's small kernels leave idle. One
+    thread, no locks: the two overlap on the device. (On the CPU nothing runs alongside: chunks go straight through.)
     """
-    ready: queue.Queue = queue.Queue(maxsize=1)
-    stop = threading.Event()
-    done = object()
-
-    def produce() -> None:
-        try:
-            if device.type == "cuda":
-                torch.cuda.set_device(device)  # a new thread has no current device (context) yet
-            own_stream = torch.cuda.stream(torch.cuda.Stream(device)) if device.type == "cuda" else None
-            with own_stream or contextlib.nullcontext():
-                for chunk in chunks:
-                    while not stop.is_set():
-                        try:
-                            ready.put(chunk, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
-                        return
-            ready.put(done)
-        except BaseException as e:  # handed to the consumer, raised there
-            ready.put(e)
-
-    thread = threading.Thread(target=produce, daemon=True, name="streamgen-generator")
-    thread.start()
-    try:
-        while (item := ready.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join()
+    previous = None
+    for chunk in chunks:
+        if previous is not None:
+            yield previous
+        previous = chunk
+    if previous is not None:
+        yield previous
 
 
 def _load_text_encoder(root: Path, device: torch.device) -> TextEncoder | None:

@@ -54,25 +54,19 @@ def test_save_load_round_trip(pipe, tmp_path):
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
 
 
-def test_one_ahead_runs_the_generator_in_a_thread():
-    import threading
-
+def test_one_ahead_asks_for_the_next_chunk_before_handing_one_out():
     from streamgen.pipeline import _one_ahead
 
-    seen_threads = []
+    asked = []
 
-    def gen(n, fail_at=None):
+    def gen(n):
         for i in range(n):
-            seen_threads.append(threading.current_thread().name)
-            if i == fail_at:
-                raise RuntimeError("boom at 2")
+            asked.append(i)
             yield i
 
-    assert list(_one_ahead(gen(5), torch.device("cpu"))) == [0, 1, 2, 3, 4]
-    assert set(seen_threads) == {"streamgen-generator"}
-    with pytest.raises(RuntimeError, match="boom at 2"):
-        list(_one_ahead(gen(5, fail_at=2), torch.device("cpu")))
-    it = _one_ahead(gen(1000), torch.device("cpu"))
-    assert next(it) == 0
-    it.close()  # stops and joins the producer
-    assert not any(t.name == "streamgen-generator" for t in threading.enumerate())
+    handed = []
+    for i in _one_ahead(gen(4)):
+        handed.append(i)
+        assert asked[-1] == min(i + 1, 3)  # chunk i + 1 is already queued while chunk i is decoded
+    assert handed == [0, 1, 2, 3]
+    assert list(_one_ahead(gen(0))) == []
