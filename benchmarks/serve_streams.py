@@ -1,0 +1,66 @@
+"""Throughput of `streamgen serve` with N concurrent clients: frames per second per stream and in all.
+
+    python benchmarks/serve_streams.py --streams 1 2 4     # built-in tiny model, CPU, JPEG, 64x64
+
+Each client starts an endless stream with `realtime: false` (as fast as the model goes) and reads everything; the
+server runs in this process on a free port. Frames are counted from the chunk messages over `--seconds` after a
+warm-up of two chunks per stream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+
+from websockets.asyncio.client import connect
+
+from streamgen.pipeline import Pipeline
+from streamgen.protocol import Limits
+from streamgen.server import StreamServer
+
+
+async def client(port: int, steps: int, seconds: float, started: asyncio.Barrier) -> tuple[int, int]:
+    """Frames received in the measured window, and frames the server dropped for this client."""
+    async with connect(f"ws://127.0.0.1:{port}/") as ws:
+        await ws.send(json.dumps({"type": "start", "prompt": "a red circle", "steps": steps, "realtime": False}))
+        frames, dropped, end = 0, 0, None
+        while end is None or time.monotonic() < end:
+            message = await ws.recv()
+            if isinstance(message, bytes):
+                continue
+            info = json.loads(message)
+            if info["type"] == "chunk":
+                if end is None and info["index"] == 2:
+                    await started.wait()
+                    end = time.monotonic() + seconds
+                elif end is not None:
+                    frames, dropped = frames + info["frames"], info["dropped_frames"]
+        return frames, dropped
+
+
+async def measure(pipe: Pipeline, streams: int, steps: int, seconds: float) -> None:
+    async with StreamServer(pipe, port=0, limits=Limits(max_streams=streams)) as server:
+        barrier = asyncio.Barrier(streams)
+        results = await asyncio.gather(*(client(server.port, steps, seconds, barrier) for _ in range(streams)))
+    per_stream = [f / seconds for f, _ in results]
+    print(f"{streams} streams: {sum(per_stream):6.1f} frames/s in all, per stream "
+          + ", ".join(f"{x:.1f}" for x in per_stream) + f"; dropped {sum(d for _, d in results)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    args = parser.parse_args()
+    pipe = Pipeline.load(None)
+    print(f"{pipe.transformer.device}, built-in tiny model, {pipe.settings.width}x{pipe.settings.height}, "
+          f"steps {args.steps}, JPEG")
+    for n in args.streams:
+        asyncio.run(measure(pipe, n, args.steps, args.seconds))
+
+
+if __name__ == "__main__":
+    main()
