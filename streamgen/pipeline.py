@@ -58,8 +58,12 @@ class Pipeline:
         self.text_encoder = None if text_encoder is None else CachedTextEncoder(text_encoder)
         self.settings = settings or PipelineSettings()
         self.generator = Generator(transformer, shift=self.settings.shift)
-        cuda = vae.device.type == "cuda"
-        self._decode_stream = torch.cuda.Stream(vae.device) if cuda else None  # decoding beside the denoising
+        self._decode_stream = None
+        if vae.device.type == "cuda":
+            # High priority: the GPU schedules a decoded chunk's blocks first, so frames leave as soon as possible
+            # and the denoising of the next chunk fills the rest. Channels-last is cuDNN's own conv layout.
+            self._decode_stream = torch.cuda.Stream(vae.device, priority=-1)
+            vae.to_channels_last()
 
     # -- loading ---------------------------------------------------------------------------------------------------
 
