@@ -159,6 +159,12 @@ def central_difference(evaluate, x0: Tensor, noise: Tensor, t: Tensor, eps: floa
     return (u_hi - u_lo) / (hi - lo).view(-1, *[1] * (u.ndim - 1))
 
 
+def flow_map_target(x0: Tensor, noise: Tensor, dudt: Tensor, t: Tensor, r: Tensor, g: Tensor | float) -> Tensor:
+    """`(noise - x0) - (t - r) * dU/dt / g`: what the flow map from t to r must output for z_t on the path of
+    (x0, noise); g is the guidance scale the derivative of the conditional output is divided by (1: none)."""
+    return (noise - x0) - (t - r).view(-1, *[1] * (x0.ndim - 1)) * dudt / g
+
+
 def time_weight(t: Tensor) -> Tensor:
     """Per-sample loss weight t^1 (1 - t)^0.5, t on [0, 1]."""
     s = (t / T_MAX).clamp(0, 1)
@@ -242,9 +248,7 @@ def stage1_loss(
     outputs = net(all_runs, embeds, all_visible)
     u_cond = velocity(outputs[:len(slots)])
 
-    v = noise - x_tgt
-    span = (t - r).view(-1, 1, 1, 1, 1)
-    target = v - span * dudt / g
+    target = flow_map_target(x_tgt, noise, dudt, t, r, g)
     u = (u_cond - (1 - g) * u_uncond) / g
     per_sample = (u - target).pow(2).flatten(1).mean(1) * time_weight(t)
 
@@ -260,7 +264,7 @@ def stage1_loss(
     if fm is not None:
         fm_loss = F.mse_loss(outputs[-1], fm[1] - x0)
         loss = loss + fm_loss
-        stats["bidirectional_loss"] = float(fm_loss)
+        stats["bidirectional_loss"] = fm_loss.detach().item()
     stats["tokens"] = b * sum(math.prod(unwrap(net).token_grid(run.latents, run.compressed)) for run in all_runs)
     return loss, stats
 

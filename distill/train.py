@@ -401,6 +401,9 @@ def train(cfg: TrainConfig, kill_after: int | None = None) -> Path:
         with autocast:
             loss, stats = task.loss(net, batch, step)
         loss.backward()
+        for p in params:  # unused this step (far_patch_embedding without compressed context): a zero gradient, so
+            if p.grad is None:  # optimizer state never depends on how DDP reported unused parameters (it differs on
+                p.grad = torch.zeros_like(p)  # the first iteration after a restart)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
