@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from streamgen.config import preset
+from streamgen.config import TransformerConfig, preset
 from streamgen.engine import now
 from streamgen.model import CausalWanTransformer
 from streamgen.pipeline import Pipeline, PipelineSettings
@@ -43,14 +43,16 @@ class BudgetResult:
         return self.frames / self.latents_s
 
 
-def random_pipeline(size: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Pipeline:
-    """A pipeline of the given transformer preset and the real Wan2.1 VAE, random weights, built on the device."""
+def random_pipeline(size: str | TransformerConfig, device: torch.device, dtype: torch.dtype,
+                    seed: int = 0) -> Pipeline:
+    """A pipeline of a transformer preset (or config) and the real Wan2.1 VAE, random weights, built on the device."""
+    config = preset(size) if isinstance(size, str) else size
     torch.manual_seed(seed)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # build in the target dtype: a 14B model never exists in fp32
     try:
         with torch.device(device):
-            transformer = CausalWanTransformer(preset(size)).eval()
+            transformer = CausalWanTransformer(config).eval()
             vae = WanVAE(vae_preset("wan2.1")).eval()
     finally:
         torch.set_default_dtype(default)
@@ -95,24 +97,56 @@ def markdown(results: list[BudgetResult], title: str) -> str:
     return "\n".join(lines)
 
 
+def plot(results: list[BudgetResult], title: str, path: Path) -> bool:
+    """fps (end to end and latents only) and time to first frame against the step budget; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    steps = [r.steps for r in results]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(steps, [r.fps for r in results], "o-", label="end to end (with decode)")
+    left.plot(steps, [r.fps_latents for r in results], "s--", label="latents only")
+    left.set(xscale="log", xlabel="step budget", ylabel="frames per second", xticks=steps, xticklabels=steps)
+    left.legend()
+    right.plot(steps, [r.first_frame_s * 1000 for r in results], "o-")
+    right.set(xscale="log", xlabel="step budget", ylabel="time to first decoded frame (ms)", xticks=steps,
+              xticklabels=steps)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def main(argv: list[str] | None = None) -> list[BudgetResult]:
     import argparse
 
     p = argparse.ArgumentParser(description="stream latency per step budget (random weights)")
     p.add_argument("--size", default="1.3B", help="transformer preset: 1.3B, 14B, tiny")
+    p.add_argument("--config", type=Path, help="a transformer config.json instead of a preset "
+                   "(benchmarks/configs/ holds the released students')")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=832)
     p.add_argument("--frames", type=int, default=81)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--warmup", type=int, default=1, help="untimed streams before timing")
-    p.add_argument("--out", type=Path, help="folder for latency.json and latency.md")
+    p.add_argument("--out", type=Path, help="folder for latency_SIZE.json / .md / .png (png needs matplotlib)")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     t0 = time.perf_counter()
-    pipe = random_pipeline(args.size, device, dtype)
+    if args.config is not None:
+        args.size = args.config.stem
+        config = TransformerConfig(**json.loads(args.config.read_text()))
+    else:
+        config = preset(args.size)
+    pipe = random_pipeline(config, device, dtype)
     print(f"built {args.size} + Wan2.1 VAE on {device} in {time.perf_counter() - t0:.1f}s", flush=True)
     prompt = torch.randn(1, 512, pipe.transformer.config.text_dim, device=device, dtype=dtype)
     for _ in range(args.warmup):
@@ -134,6 +168,7 @@ def main(argv: list[str] | None = None) -> list[BudgetResult]:
             {"title": title, "results": [asdict(r) | {"fps": r.fps, "fps_latents": r.fps_latents} for r in results]},
             indent=2))
         (args.out / f"latency_{args.size}.md").write_text(table + "\n")
+        plot(results, title, args.out / f"latency_{args.size}.png")
     print(table)
     return results
 

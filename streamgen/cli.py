@@ -78,10 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-streams", type=int, help="concurrent streams; beyond, clients get 'busy' (default 4)")
     srv.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
                      help="any server limit, e.g. --limit max_steps=8 --limit allow_endless=false (README, 'Serving')")
+    # `bench` takes its own arguments (streamgen.bench); listed here for --help
+    sub.add_parser("bench", add_help=False, help="stream latency per step budget, random weights (bench --help)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        from streamgen.bench import main as bench_main
+
+        bench_main(argv[1:])
+        return 0
     args = build_parser().parse_args(argv)
     try:
         return {"generate": generate, "info": info, "serve": serve}[args.command](args)
