@@ -301,7 +301,7 @@ class Ack(_ServerMessage):
 class Ended(_ServerMessage):
     type: Literal["ended"] = "ended"
     stream: int
-    reason: Literal["finished", "stopped", "error", "shutdown"]
+    reason: Literal["finished", "stopped", "error"]
     chunks: int
     frames: int
     dropped_frames: int
