@@ -1,0 +1,205 @@
+"""The synthetic end-to-end experiment: VAE -> latent shards -> teacher -> stage-1 student -> any-step evaluation.
+
+    python -m distill.experiment OUT            # one GPU, a few minutes
+    python -m distill.experiment OUT --tiny     # CPU smoke test of the same path, seconds
+
+A caption classifier (colour / shape / motion heads) trained on the synthetic videos themselves judges whether the
+student's videos at 1, 2, 4, 8 and 16 steps show what their prompts ask for. Writes OUT/results.json, OUT/results.md
+(the table), OUT/curves.json (loss curves; curves.png when matplotlib is installed) and every trained model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distill.data import write_latent_shards
+from distill.synthetic import LABELS, SyntheticVideos
+from distill.train import TrainConfig, train
+from streamgen.pipeline import Pipeline
+from streamgen.text import WordHashEncoder
+from streamgen.vae import WanVAE
+
+STEPS = (1, 2, 4, 8, 16)
+SIZES = {
+    "tiny": {"clips": 8, "pixels": 32, "frames": 29, "batch": 2, "vae_steps": 1, "teacher_steps": 2,
+             "stage1_steps": 2, "classifier_steps": 2, "eval_prompts": 2, "eval_steps": (1, 2), "model": "tiny",
+             "vae": "tiny"},
+    "gpu": {"clips": 2048, "pixels": 64, "frames": 29, "batch": 32, "vae_steps": 800, "teacher_steps": 1500,
+            "stage1_steps": 1000, "classifier_steps": 500, "eval_prompts": 96, "eval_steps": STEPS,
+            "model": {"preset": "tiny", "num_layers": 6, "num_attention_heads": 4, "attention_head_dim": 64,
+                      "ffn_dim": 1024, "text_dim": 64, "freq_dim": 128},
+            "vae": {"preset": "tiny", "base_dim": 16}},
+}
+
+
+class CaptionClassifier(nn.Module):
+    """Video (B, 3, F, H, W) in [-1, 1] -> logits per label (colour, shape, motion); 3D convs see the motion."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv3d(3, width, 3, stride=(1, 2, 2), padding=1), nn.SiLU(),
+            nn.Conv3d(width, 2 * width, 3, stride=2, padding=1), nn.SiLU(),
+            nn.Conv3d(2 * width, 2 * width, 3, stride=2, padding=1), nn.SiLU(),
+            nn.AdaptiveAvgPool3d(1), nn.Flatten(),
+        )
+        self.heads = nn.ModuleList([nn.Linear(2 * width, len(v)) for v in LABELS.values()])
+
+    def forward(self, video: torch.Tensor) -> list[torch.Tensor]:
+        h = self.body(video)
+        return [head(h) for head in self.heads]
+
+
+def train_classifier(videos: SyntheticVideos, steps: int, batch: int, device: torch.device) -> CaptionClassifier:
+    torch.manual_seed(0)
+    model = CaptionClassifier().to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        data = videos.batch(torch.randint(len(videos), (batch,), generator=gen).tolist())
+        logits = model(data["video"].to(device))
+        loss = sum(F.cross_entropy(lg, data["labels"][:, i].to(device)) for i, lg in enumerate(logits))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def accuracy(model: CaptionClassifier, video: torch.Tensor, labels: torch.Tensor, batch: int = 32) -> dict:
+    """Per-label and all-three-right accuracy of the classifier on videos (B, 3, F, H, W)."""
+    preds = []
+    for chunk in video.split(batch):
+        preds.append(torch.stack([lg.argmax(-1).cpu() for lg in model(chunk.to(next(model.parameters()).device))], 1))
+    right = torch.cat(preds) == labels
+    out = {name: right[:, i].float().mean().item() for i, name in enumerate(LABELS)}
+    out["all"] = right.all(1).float().mean().item()
+    return out
+
+
+def read_log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def run(out: Path, size: str) -> dict:
+    s = SIZES[size]
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    timings, t0 = {}, time.perf_counter()
+    synthetic = {"count": s["clips"], "seed": 0, "frames": s["frames"], "height": s["pixels"], "width": s["pixels"]}
+    videos = SyntheticVideos(s["clips"], 0, s["frames"], s["pixels"], s["pixels"])
+    common = {"batch_size": s["batch"], "log_every": max(1, s["teacher_steps"] // 50), "save_every": 10**9}
+
+    vae_dir = train(TrainConfig(task="vae", output_dir=str(out / "vae"), steps=s["vae_steps"], model=s["vae"],
+                                synthetic=synthetic, optim={"lr": 5e-4, "warmup_steps": 20}, **common))
+    timings["vae_s"] = time.perf_counter() - t0
+    vae = WanVAE.from_pretrained(vae_dir, device=device)
+    model_text_dim = s["model"]["text_dim"] if isinstance(s["model"], dict) else 32
+    encoder = WordHashEncoder(model_text_dim, max_length=16)
+    write_latent_shards(out / "data", videos, vae, encoder, shard_size=512, batch_size=32)
+    timings["encode_s"] = time.perf_counter() - t0 - timings["vae_s"]
+
+    t1 = time.perf_counter()
+    teacher = train(TrainConfig(task="teacher", output_dir=str(out / "teacher"), steps=s["teacher_steps"],
+                                model=s["model"], data=str(out / "data"), vae=str(vae_dir),
+                                optim={"lr": 3e-4, "warmup_steps": 50, "ema_decay": 0.995}, **common))
+    timings["teacher_s"] = time.perf_counter() - t1
+    t1 = time.perf_counter()
+    student = train(TrainConfig(task="stage1", output_dir=str(out / "stage1"), steps=s["stage1_steps"],
+                                data=str(out / "data"), vae=str(vae_dir), init_from=str(teacher),
+                                optim={"lr": 1e-4, "warmup_steps": 50, "ema_decay": 0.995},
+                                stage1={"bidirectional_prob": 0.25}, **common))
+    timings["stage1_s"] = time.perf_counter() - t1
+
+    t1 = time.perf_counter()
+    classifier = train_classifier(videos, s["classifier_steps"], s["batch"], device)
+    held_out = SyntheticVideos(s["eval_prompts"], 1, s["frames"], s["pixels"], s["pixels"])
+    data = held_out.batch(list(range(len(held_out))))
+    results = {"size": size, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+               "classifier_on_real": accuracy(classifier, data["video"], data["labels"]),
+               "classifier_on_vae_reconstructions": accuracy(
+                   classifier, torch.cat([vae.decode(vae.encode(v[None].to(device))).cpu() for v in data["video"]]),
+                   data["labels"]),
+               "student": {}}
+    timings["classifier_s"] = time.perf_counter() - t1
+    t1 = time.perf_counter()
+    for name, folder in (("student", student), ("teacher_as_flow_map", teacher)):
+        pipe = Pipeline.load(folder, device=device)
+        table = {}
+        for steps in s["eval_steps"] if name == "student" else s["eval_steps"][-1:]:
+            frames = pipe.generate(data["captions"], steps=steps, seed=0)  # (B, F, H, W, 3) uint8
+            video = torch.from_numpy(frames).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+            table[str(steps)] = accuracy(classifier, video, data["labels"])
+        results[name] = table
+    timings["evaluation_s"] = time.perf_counter() - t1
+    timings["total_s"] = time.perf_counter() - t0
+    results["timings"] = timings
+    logs = {task: read_log(out / task) for task in ("vae", "teacher", "stage1")}
+    results["throughput"] = {task: {k: max(r[k] for r in log) for k in ("samples_per_s", "tokens_per_s", "memory_gb")}
+                             for task, log in logs.items()}
+    results["final_loss"] = {task: log[-1]["loss"] for task, log in logs.items()}
+    curves = {task: [[r["step"], r["loss"]] for r in log] for task, log in logs.items()}
+    (out / "curves.json").write_text(json.dumps(curves))
+    plot(curves, out / "curves.png")
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(table_markdown(results))
+    return results
+
+
+def plot(curves: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return  # curves.json has the numbers
+    fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3))
+    for ax, (task, points) in zip(axes, curves.items()):
+        ax.plot(*zip(*points))
+        ax.set_title(task)
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def table_markdown(results: dict) -> str:
+    lines = [f"Device: {results['device']}, size {results['size']}.", "",
+             "| model | steps | colour | shape | motion | all three |", "|---|---|---|---|---|---|"]
+    rows = [("real videos", "-", results["classifier_on_real"]),
+            ("VAE reconstructions", "-", results["classifier_on_vae_reconstructions"])]
+    rows += [("stage-1 student", k, v) for k, v in results["student"].items()]
+    rows += [("teacher (r = t, Euler)", k, v) for k, v in results["teacher_as_flow_map"].items()]
+    for name, steps, acc in rows:
+        lines.append(f"| {name} | {steps} | {acc['colour']:.2f} | {acc['shape']:.2f} | {acc['motion']:.2f} | "
+                     f"{acc['all']:.2f} |")
+    lines += ["", "| task | samples/s | tokens/s | peak memory (GB) | final loss |", "|---|---|---|---|---|"]
+    for task, t in results["throughput"].items():
+        lines.append(f"| {task} | {t['samples_per_s']:.1f} | {t['tokens_per_s']:.0f} | {t['memory_gb']:.2f} | "
+                     f"{results['final_loss'][task]:.4f} |")
+    lines += ["", "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in results["timings"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m distill.experiment", description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke-test sizes")
+    args = parser.parse_args(argv)
+    results = run(args.out, "tiny" if args.tiny else "gpu")
+    print((args.out / "results.md").read_text())
+    print(json.dumps(results["timings"]))
+
+
+if __name__ == "__main__":
+    main()
