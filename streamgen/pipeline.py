@@ -168,14 +168,18 @@ class Pipeline:
 
 
 def _one_ahead(chunks: Iterator[LatentChunk]) -> Iterator[LatentChunk]:
-    """Yield chunk k once chunk k + 1 has been queued on the device.
+    """Yield the first chunk at once, then chunk k once chunk k + 1 has been queued on the device.
 
     The generator never waits for the device (its timings are CUDA events), so asking it for chunk k + 1 queues that
     chunk's whole denoising; decoding chunk k then fills the GPU time the transformer's small kernels leave idle. One
-    thread, no locks: the two overlap on the device. (On the CPU nothing runs alongside: chunks go straight through.)
+    thread, no locks: the two overlap on the device. The first chunk goes straight to the decoder: its latency is the
+    time to first frame.
     """
     previous = None
     for chunk in chunks:
+        if chunk.index == 0:
+            yield chunk
+            continue
         if previous is not None:
             yield previous
         previous = chunk

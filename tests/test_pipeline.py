@@ -1,3 +1,5 @@
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -62,11 +64,14 @@ def test_one_ahead_asks_for_the_next_chunk_before_handing_one_out():
     def gen(n):
         for i in range(n):
             asked.append(i)
-            yield i
+            yield types.SimpleNamespace(index=i)
 
     handed = []
-    for i in _one_ahead(gen(4)):
-        handed.append(i)
-        assert asked[-1] == min(i + 1, 3)  # chunk i + 1 is already queued while chunk i is decoded
+    for chunk in _one_ahead(gen(4)):
+        handed.append(chunk.index)
+        if chunk.index == 0:
+            assert asked == [0]  # the first chunk goes straight out: time to first frame
+        else:
+            assert asked[-1] == min(chunk.index + 1, 3)  # chunk k + 1 is already queued while chunk k is decoded
     assert handed == [0, 1, 2, 3]
     assert list(_one_ahead(gen(0))) == []
