@@ -88,8 +88,11 @@ def read_log(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
-def run(out: Path, size: str) -> dict:
-    s = SIZES[size]
+def run(out: Path, size: str, scale: float = 1.0) -> dict:
+    """`scale` multiplies every training run's step count (a shorter run when device time is short)."""
+    s = dict(SIZES[size])
+    for key in ("vae_steps", "teacher_steps", "stage1_steps", "classifier_steps"):
+        s[key] = max(1, round(s[key] * scale))
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -124,7 +127,9 @@ def run(out: Path, size: str) -> dict:
     classifier = train_classifier(videos, s["classifier_steps"], s["batch"], device)
     held_out = SyntheticVideos(s["eval_prompts"], 1, s["frames"], s["pixels"], s["pixels"])
     data = held_out.batch(list(range(len(held_out))))
-    results = {"size": size, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+    results = {"size": size, "scale": scale, "steps": {k: s[k] for k in ("vae_steps", "teacher_steps",
+                                                                          "stage1_steps", "classifier_steps")},
+               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                "classifier_on_real": accuracy(classifier, data["video"], data["labels"]),
                "classifier_on_vae_reconstructions": accuracy(
                    classifier, torch.cat([vae.decode(vae.encode(v[None].to(device))).cpu() for v in data["video"]]),
@@ -195,8 +200,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m distill.experiment", description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--tiny", action="store_true", help="CPU smoke-test sizes")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every training run's steps")
     args = parser.parse_args(argv)
-    results = run(args.out, "tiny" if args.tiny else "gpu")
+    results = run(args.out, "tiny" if args.tiny else "gpu", args.scale)
     print((args.out / "results.md").read_text())
     print(json.dumps(results["timings"]))
 
