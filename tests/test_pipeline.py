@@ -75,3 +75,13 @@ def test_one_ahead_asks_for_the_next_chunk_before_handing_one_out():
             assert asked[-1] == min(chunk.index + 1, 3)  # chunk k + 1 is already queued while chunk k is decoded
     assert handed == [0, 1, 2, 3]
     assert list(_one_ahead(gen(0))) == []
+
+
+def test_top_level_load_streams_the_builtin_model():
+    import streamgen
+
+    pipe = streamgen.load(device="cpu")
+    chunks = list(pipe.stream("a red circle moving right", steps=1, seed=0, num_frames=9))
+    frames = np.concatenate([c.frames for c in chunks], axis=1)
+    assert frames.shape == (1, 9, 64, 64, 3) and frames.dtype == np.uint8
+    np.testing.assert_array_equal(frames, pipe.generate("a red circle moving right", steps=1, seed=0, num_frames=9))
