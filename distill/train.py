@@ -2,7 +2,9 @@
 
 CONFIG is JSON (or YAML when PyYAML is installed) for `TrainConfig`. Tasks: `vae` (the small Wan VAE on synthetic
 videos), `teacher` (bidirectional flow matching on latent shards), `stage1` (causal flow-map pretraining of a student
-initialised from a teacher). Small models train under DDP, large ones under FSDP2 (`parallel: fsdp`, one shard group
+initialised from a teacher), `stage2` (on-policy backward simulation + DMD, `distill.stage2`; its steps alternate
+critic and generator, each with its own optimizer) and `consistency` (the consistency-distillation baseline,
+`distill.consistency`). Small models train under DDP, large ones under FSDP2 (`parallel: fsdp`, one shard group
 per transformer block).
 
 Exact resumption: every random draw of step s comes from generators seeded by (seed, step, rank) and the data order
@@ -14,6 +16,7 @@ holds `model/`, a pipeline folder (EMA weights) that `streamgen generate --model
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -33,6 +36,7 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from torch import Tensor, nn
 
+from distill.consistency import Consistency, ConsistencySettings
 from distill.data import LatentShards, Loader
 from distill.losses import (
     Denoiser,
@@ -43,6 +47,7 @@ from distill.losses import (
     pair_kinds,
 )
 from distill.losses import stage1_loss as stage1_objective
+from distill.stage2 import PHASES, Stage2, Stage2Settings
 from distill.synthetic import SyntheticVideos
 from distill.vae_train import VaeObjective, with_latent_stats
 from streamgen import model as model_module
@@ -82,7 +87,7 @@ class SyntheticConfig(BaseModel):
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    task: Literal["vae", "teacher", "stage1"]
+    task: Literal["vae", "teacher", "stage1", "stage2", "consistency"]
     output_dir: str
     steps: PositiveInt
     batch_size: PositiveInt = Field(description="per rank")
@@ -92,12 +97,16 @@ class TrainConfig(BaseModel):
     data: str | None = None  # latent shard folder (teacher, stage1)
     synthetic: SyntheticConfig = SyntheticConfig()  # vae
     vae: str | None = None  # trained VAE (pipeline or vae folder) that exports pair with (teacher, stage1)
-    init_from: str | None = None  # stage1: the teacher (pipeline or transformer folder)
+    init_from: str | None = None  # stage1: the teacher; stage2, consistency: the student to start from (a stage-1
+    #                               student, or a teacher the student is initialised from)
+    teacher: str | None = None  # stage2: the real score (and the critic's start)
     optim: OptimConfig = OptimConfig()
     caption_dropout: float = 0.1  # teacher: keeps an unconditional prediction for guidance
     kl_weight: float = 1e-4  # vae
     student_gate: float = 0.25  # stage1: gate_value of the student's time mix (the teacher trains with gate 0)
-    stage1: Stage1Settings = Stage1Settings()
+    stage1: Stage1Settings = Stage1Settings()  # stage1 (and stage2's co-trained stage-1 loss)
+    stage2: Stage2Settings = Stage2Settings()
+    consistency: ConsistencySettings = ConsistencySettings()
     parallel: Literal["ddp", "fsdp"] = "ddp"
     precision: Literal["fp32", "bf16"] = "fp32"
     gradient_checkpointing: bool = False
@@ -109,8 +118,12 @@ class TrainConfig(BaseModel):
     def _consistent(self) -> TrainConfig:
         if self.task != "vae" and (self.data is None or self.vae is None):
             raise ValueError(f"task {self.task} needs `data` (latent shards) and `vae` (the VAE that encoded them)")
-        if self.task == "stage1" and self.init_from is None:
-            raise ValueError("stage1 needs `init_from`: the teacher it starts from")
+        if self.task in ("stage1", "stage2", "consistency") and self.init_from is None:
+            raise ValueError(f"{self.task} needs `init_from`: the model it starts from")
+        if self.task == "stage2" and self.teacher is None:
+            raise ValueError("stage2 needs `teacher`: the real score")
+        if self.task == "stage2" and "optim" not in self.model_fields_set:  # the spec's stage-2 optimizer
+            self.optim = OptimConfig(lr=2e-6, betas=(0.0, 0.999), ema_decay=0.99)
         if self.task == "vae" and self.parallel == "fsdp":
             raise ValueError("the VAE trains under DDP only")
         return self
@@ -175,6 +188,7 @@ class Task:
     loader: Loader
     loss: Callable[[nn.Module, dict, int], tuple[Tensor, dict]]  # (wrapped net, batch, step) -> loss, stats
     export: Callable[[dict[str, Tensor], Path], None]  # (full EMA state of `core`, folder)
+    phases: tuple[str, ...] = ("",)  # step s updates the parameters named with prefix phases[s % len(phases)]
 
 
 def _config_fields(spec: str | dict) -> tuple[str | None, dict]:
@@ -213,21 +227,35 @@ def build_task(cfg: TrainConfig, world: World) -> Task:
             tokens = x0.shape[0] * math.prod(model.token_grid(x0, False))
             return flow_matching_loss(net, x0, embeds, gen), {"tokens": tokens}
     else:
-        teacher = load_transformer(cfg.init_from, torch.float32)
-        model = CausalWanTransformer(teacher.config.model_copy(update={"gate_value": cfg.student_gate}))
-        init_student_from_teacher(model, teacher.state_dict())
+        model = load_student(cfg.init_from, cfg.student_gate)
         global_batch = cfg.batch_size * world.size
         kinds = pair_kinds(global_batch, world.rank, cfg.batch_size, cfg.stage1.diffusion_share,
                            cfg.stage1.consistency_share)
+        all_reduce = world.all_reduce if world.size > 1 else None
 
         def loss(net, batch, step):
             x0, embeds = batch["latents"].to(world.device), batch["prompt_embeds"].to(world.device)
-            return stage1_objective(net, x0, embeds, negative, cfg.stage1, kinds, step_generator(cfg.seed, step),
-                                    step_generator(cfg.seed, step, world.rank),
-                                    world.all_reduce if world.size > 1 else None)
-    model.gradient_checkpointing = cfg.gradient_checkpointing
-    model.cuda_graphs.enabled = False  # weights change every step; graphs are for inference
-    core = Denoiser(model.to(world.device))
+            shared, local = step_generator(cfg.seed, step), step_generator(cfg.seed, step, world.rank)
+            if cfg.task == "stage2":
+                return net(x0, embeds, step % 2, shared, local)
+            if cfg.task == "consistency":
+                return net(x0, embeds, shared, local)
+            return stage1_objective(net, x0, embeds, negative, cfg.stage1, kinds, shared, local, all_reduce)
+    prefix, phases = "model.", ("",)
+    if cfg.task == "stage2":
+        teacher = load_transformer(cfg.teacher, torch.float32)
+        core = Stage2(model, copy.deepcopy(teacher), teacher, negative, cfg.stage2, cfg.stage1, kinds, all_reduce)
+        prefix, phases = "generator.model.", PHASES
+    elif cfg.task == "consistency":
+        core = Consistency(model, copy.deepcopy(model), cfg.consistency)
+        prefix = "generator.model."
+    else:
+        core = Denoiser(model)
+    for m in core.modules():
+        if isinstance(m, CausalWanTransformer):
+            m.gradient_checkpointing = cfg.gradient_checkpointing
+            m.cuda_graphs.enabled = False  # weights change every step; graphs are for inference
+    core = core.to(world.device)
     vae = WanVAE.from_pretrained(cfg.vae)
     encoder = WordHashEncoder(**{k: v for k, v in shards.index["text_encoder"].items() if k != "_class_name"})
     lat = shards.batch([0])["latents"]
@@ -237,10 +265,20 @@ def build_task(cfg: TrainConfig, world: World) -> Task:
 
     def export(state: dict[str, Tensor], folder: Path) -> None:
         ema = CausalWanTransformer(model.config)
-        ema.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
+        ema.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
         Pipeline(ema, vae, encoder, settings).save_pretrained(folder)
 
-    return Task(core, loader, loss, export)
+    return Task(core, loader, loss, export, phases)
+
+
+def load_student(path: str, gate: float) -> CausalWanTransformer:
+    """A causal student from a folder: taken as it is, or initialised from it when it is a teacher (gate 0)."""
+    loaded = load_transformer(path, torch.float32)
+    if loaded.config.gate_value != 0 or gate == 0:
+        return loaded.train()
+    student = CausalWanTransformer(loaded.config.model_copy(update={"gate_value": gate}))
+    init_student_from_teacher(student, loaded.state_dict())
+    return student
 
 
 def _vae_task(cfg: TrainConfig, world: World) -> Task:
@@ -271,12 +309,13 @@ def wrap(core: nn.Module, cfg: TrainConfig, world: World) -> nn.Module:
 
         dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
         policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-        for block in core.model.blocks:
-            fully_shard(block, mp_policy=policy)
+        for model in [m for m in core.modules() if isinstance(m, CausalWanTransformer)]:
+            for block in model.blocks:
+                fully_shard(block, mp_policy=policy)
         return fully_shard(core, mp_policy=policy)
     if world.size > 1:
-        # stage 1 leaves far_patch_embedding unused on steps without compressed context
-        return nn.parallel.DistributedDataParallel(core, find_unused_parameters=cfg.task == "stage1")
+        # far_patch_embedding is unused on steps without compressed context; stage 2 steps use one of two nets
+        return nn.parallel.DistributedDataParallel(core, find_unused_parameters=cfg.task != "teacher")
     return core
 
 
@@ -287,12 +326,12 @@ def _full_state(core: nn.Module, tensors: dict[str, Tensor]) -> dict[str, Tensor
     return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().clone() for k, v in tensors.items()}
 
 
-def save_checkpoint(run_dir: Path, step: int, core, optimizer, ema, loader, task: Task, world: World) -> None:
+def save_checkpoint(run_dir: Path, step: int, core, optimizers, ema, loader, task: Task, world: World) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(core, options=options)
-    optim_state = get_optimizer_state_dict(core, optimizer, options=options)
+    optim_state = [get_optimizer_state_dict(core, o, options=options) for o in optimizers]
     ema_state = _full_state(core, ema)
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     rngs = [None] * world.size
@@ -316,7 +355,7 @@ def save_checkpoint(run_dir: Path, step: int, core, optimizer, ema, loader, task
     world.barrier()
 
 
-def load_checkpoint(run_dir: Path, core, optimizer, ema, loader, world: World) -> int:
+def load_checkpoint(run_dir: Path, core, optimizers, ema, loader, world: World) -> int:
     """Restore the newest checkpoint, if any; returns the step to continue from."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -327,7 +366,9 @@ def load_checkpoint(run_dir: Path, core, optimizer, ema, loader, world: World) -
     state = torch.load(run_dir / "checkpoints" / latest.read_text() / STATE_NAME, weights_only=True)
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(core, state["model"], options=options)
-    set_optimizer_state_dict(core, optimizer, state["optimizer"], options=options)
+    saved = state["optimizer"]
+    for o, s in zip(optimizers, [saved] if isinstance(saved, dict) else saved):  # a dict: one optimizer (older)
+        set_optimizer_state_dict(core, o, s, options=options)
     with torch.no_grad():
         for k, e in ema.items():
             full = state["ema"][k].to(world.device)
@@ -383,18 +424,19 @@ def train(cfg: TrainConfig, kill_after: int | None = None) -> Path:
     task = build_task(cfg, world)
     core = task.core
     net = wrap(core, cfg, world)
-    params = [p for p in core.parameters() if p.requires_grad]
-    names = [n for n, p in core.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas,
-                                  weight_decay=cfg.optim.weight_decay)
-    ema = {n: p.detach().clone().float() for n, p in zip(names, params)}
-    start = load_checkpoint(run_dir, core, optimizer, ema, task.loader, world)
+    named = [(n, p) for n, p in core.named_parameters() if p.requires_grad]
+    ema = {n: p.detach().clone().float() for n, p in named}
+    groups = [[(ema[n], p) for n, p in named if n.startswith(prefix)] for prefix in task.phases]
+    optimizers = [torch.optim.AdamW([p for _, p in g], lr=cfg.optim.lr, betas=cfg.optim.betas,
+                                    weight_decay=cfg.optim.weight_decay) for g in groups]
+    start = load_checkpoint(run_dir, core, optimizers, ema, task.loader, world)
     log = Log(run_dir, cfg.task, cfg.steps, start, world.main)
     autocast = (torch.autocast(world.device.type, torch.bfloat16)
                 if cfg.precision == "bf16" and cfg.parallel == "ddp" else nullcontext())
     window = {"loss": 0.0, "n": 0, "samples": 0, "tokens": 0, "t": time.perf_counter()}
     for step in range(start, cfg.steps):
         lr = cfg.optim.lr * min(1.0, (step + 1) / max(cfg.optim.warmup_steps, 1))
+        optimizer, params = optimizers[step % len(groups)], [p for _, p in groups[step % len(groups)]]
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = task.loader.next()
@@ -406,9 +448,10 @@ def train(cfg: TrainConfig, kill_after: int | None = None) -> Path:
                 p.grad = torch.zeros_like(p)  # the first iteration after a restart)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        for o in optimizers:  # the other phases' parameters may have gradients too (unused ones zero-filled by DDP)
+            o.zero_grad(set_to_none=True)
         with torch.no_grad():
-            for e, p in zip(ema.values(), params):  # per tensor: sharded (DTensor) parameters lerp locally
+            for e, p in groups[step % len(groups)]:  # per tensor: sharded (DTensor) parameters lerp locally
                 e.lerp_(p.detach().float(), 1 - cfg.optim.ema_decay)
         window["loss"] += float(loss.detach())
         window["n"] += 1
@@ -428,7 +471,7 @@ def train(cfg: TrainConfig, kill_after: int | None = None) -> Path:
             })
             window = {"loss": 0.0, "n": 0, "samples": 0, "tokens": 0, "t": time.perf_counter()}
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            save_checkpoint(run_dir, step + 1, core, optimizer, ema, task.loader, task, world)
+            save_checkpoint(run_dir, step + 1, core, optimizers, ema, task.loader, task, world)
             if kill_after == step + 1:
                 os._exit(0)  # a crash right after this checkpoint: nothing below runs, no clean-up
     final = run_dir / "model"

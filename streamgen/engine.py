@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +27,13 @@ from streamgen.schedule import Schedule, as_schedule, jump
 
 Budget = int | Schedule
 EVICTION = ("keep", "recompute")
+Predict = Callable[[Tensor, float, float], Tensor]  # (z, t, r) -> the model's output u for the chunk
+Step = Callable[[Predict, Tensor, float, float, "torch.Generator | None"], Tensor]  # (predict, z, t, r, rng) -> z_r
+
+
+def flow_map_step(predict: Predict, z: Tensor, t: float, r: float, rng: torch.Generator | None) -> Tensor:
+    """The default sampler: one flow-map jump t -> r."""
+    return jump(z, predict(z, t, r), t, r)
 
 
 @dataclass
@@ -100,9 +107,11 @@ def chunk_sizes(partition: Sequence[int], num_frames: int) -> list[int]:
 class Generator:
     """Runs a causal flow-map student chunk by chunk with a KV cache, at any step budget."""
 
-    def __init__(self, model: CausalWanTransformer, shift: float = 5.0):
+    def __init__(self, model: CausalWanTransformer, shift: float = 5.0, step: Step = flow_map_step):
+        """`step` moves a chunk from t to r (default: one flow-map jump; `distill.consistency` has another)."""
         self.model = model
         self.shift = shift
+        self.step = step
         self.buffers = BufferPool()  # KV buffers reused by the next stream of the same size (and its CUDA graphs)
 
     @property
@@ -207,6 +216,7 @@ class LatentStream:
         model = self.model = generator.model
         cfg = model.config
         self.shift = generator.shift
+        self.step = generator.step
         self.device = model.device
         if prompt_embeds.ndim != 3 or prompt_embeds.shape[-1] != cfg.text_dim:
             raise ValueError(f"prompt_embeds must be (batch, tokens, {cfg.text_dim}), got {tuple(prompt_embeds.shape)}")
@@ -362,11 +372,14 @@ class LatentStream:
                 z = torch.randn((batch, cfg.in_channels, size, self.height, self.width), generator=self.rng)
             z = z.to(device, torch.float32)
             past = self.cache.past()
-            for t, r in schedule:
+
+            def predict(z: Tensor, t: float, r: float) -> Tensor:
                 tt = torch.full((batch,), t, device=device)
                 rr = torch.full((batch,), r, device=device)
-                u = self.model([Run(z, tt, rr, position)], self.text, past=past).velocities[0]
-                z = jump(z, u, t, r)
+                return self.model([Run(z, tt, rr, position)], self.text, past=past).velocities[0]
+
+            for t, r in schedule:
+                z = self.step(predict, z, t, r, self.rng)
         t2 = mark(device)
         self.final[k] = z
         self.index, self.frame = k + 1, start + size
