@@ -42,11 +42,14 @@ def component_dir(path: str | os.PathLike, component: str) -> Path:
 def read_config(folder: Path) -> dict:
     path = folder / "config.json"
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, thousands of digits, deep nesting
+        raise CheckpointError(f"{path}: not valid JSON ({str(e)[:200] or type(e).__name__})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: a config is a JSON object of fields, got {type(config).__name__}")
+    return config
 
 
 def weight_files(folder: Path) -> dict[str, Path]:

@@ -10,6 +10,8 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -42,6 +44,50 @@ def _steps(text: str) -> int | list[int]:
     return values[0] if len(values) == 1 else values
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text[:40]!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a seed is an integer, got {text[:40]!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"a seed lies in [0, 2**63), got {text[:40]}")
+    return value
+
+
+def _fps(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a frame rate is a number, got {text[:40]!r}") from None
+    if not (math.isfinite(value) and 0 < value <= 1000):
+        raise argparse.ArgumentTypeError(f"a frame rate lies in (0, 1000], got {text[:40]}")
+    return value
+
+
+def _device(text: str) -> str:
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a device: {text[:40]!r} (cpu, cuda, cuda:1 ...)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"streamgen runs on cpu or cuda, not {device.type}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"no {device}: this machine has {torch.cuda.device_count()} GPUs")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamgen", description="Causal streaming video generation (AnyFlow).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -52,17 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--embeddings", type=Path, help="safetensors file of precomputed prompt embeddings")
     gen.add_argument("--model", type=Path, help="pipeline folder (diffusers layout); default: the built-in model")
     gen.add_argument("--steps", type=_steps, default=4, help="step budget, or one per generated chunk: 1,2,4,4")
-    gen.add_argument("--frames", type=int, help="number of video frames, 1 + 4k (default: the model's)")
-    gen.add_argument("--height", type=int, help="pixels (default: the model's)")
-    gen.add_argument("--width", type=int, help="pixels (default: the model's)")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--frames", type=_positive_int, help="number of video frames, 1 + 4k (default: the model's)")
+    gen.add_argument("--height", type=_positive_int, help="pixels (default: the model's)")
+    gen.add_argument("--width", type=_positive_int, help="pixels (default: the model's)")
+    gen.add_argument("--seed", type=_seed, default=0)
     gen.add_argument("--image", type=Path, help="image to start from (I2V)")
     gen.add_argument("--video", type=Path, help="video to continue (V2V)")
     gen.add_argument("-o", "--output", type=Path, default=Path("out.mp4"),
                      help=".mp4, .npy, or a folder for PNG frames (default: out.mp4)")
-    gen.add_argument("--fps", type=float, help="frame rate of the output (default: the model's)")
+    gen.add_argument("--fps", type=_fps, help="frame rate of the output (default: the model's)")
     gen.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
-    gen.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    gen.add_argument("--device", type=_device, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
     info = sub.add_parser("info", help="describe a checkpoint folder")
     info.add_argument("model", type=Path)
@@ -74,7 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8765, help="default: 8765; 0 picks a free port")
     srv.add_argument("--model", type=Path, help="pipeline folder (diffusers layout); default: the built-in model")
     srv.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
-    srv.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    srv.add_argument("--device", type=_device, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    srv.add_argument("--token", default=os.environ.get("STREAMGEN_TOKEN") or None,
+                     help="access token clients must send (?token=); required with a --host other than 127.0.0.1 "
+                          "(default: $STREAMGEN_TOKEN)")
+    srv.add_argument("--allow-origin", action="append", metavar="ORIGIN",
+                     help="a web origin whose pages may connect, e.g. https://app.example (repeatable; '*': any); "
+                          "default: pages served by this server only")
     srv.add_argument("--max-streams", type=int, help="concurrent streams; beyond, clients get 'busy' (default 4)")
     srv.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
                      help="any server limit, e.g. --limit max_steps=8 --limit allow_endless=false (README, 'Serving')")
@@ -93,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"generate": generate, "info": info, "serve": serve}[args.command](args)
-    except (UsageError, ValueError, CheckpointError, MediaError, FileNotFoundError, ImportError) as e:
+    except (UsageError, ValueError, CheckpointError, MediaError, OSError, ImportError) as e:
+        if isinstance(e, OSError) and e.strerror and e.filename:  # e.g. a full disk: "No space left on device"
+            e = UsageError(f"{e.filename}: {e.strerror}")
         message = str(e).strip().splitlines()
         print(f"streamgen: error: {message[0] if message else type(e).__name__}", file=sys.stderr)
         for line in message[1:]:
@@ -186,13 +240,16 @@ def serve(args: argparse.Namespace) -> int:
         raise UsageError("bad --limit: " + "; ".join(f"{err['loc'][0]}: {err['msg']}" for err in e.errors())) from None
     if args.model is not None and not args.model.is_dir():
         raise UsageError(f"{args.model}: no such model folder")
+    StreamServer.check_access(args.host, args.token)  # before the model loads
     pipe = Pipeline.load(args.model, DTYPES.get(args.dtype), args.device)
-    server = StreamServer(pipe, args.host, args.port, limits, "" if args.model else BUILTIN_DESCRIPTION)
+    server = StreamServer(pipe, args.host, args.port, limits, "" if args.model else BUILTIN_DESCRIPTION, args.token,
+                          args.allow_origin)
 
     async def run() -> None:
         async with server:
-            print(f"streamgen: serving on http://{args.host}:{server.port}/ ({pipe.transformer.device}, at most "
-                  f"{limits.max_streams} streams); Ctrl-C stops", file=sys.stderr)
+            query = "?token=..." if args.token else ""
+            print(f"streamgen: serving on http://{args.host}:{server.port}/{query} ({pipe.transformer.device}, at "
+                  f"most {limits.max_streams} streams); Ctrl-C stops", file=sys.stderr)
             await asyncio.Future()
 
     with contextlib.suppress(KeyboardInterrupt):

@@ -20,7 +20,9 @@ The README's "Serving" section lists the messages; the pydantic models below are
 from __future__ import annotations
 
 import json
+import math
 import struct
+import time
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Annotated, Literal
@@ -88,6 +90,8 @@ class Limits(BaseModel):
     send_timeout_s: float = Field(30.0, gt=0)  # a client that takes no data for this long is disconnected
     send_buffer_bytes: PositiveInt = 64 * 1024  # per connection, socket and websocket buffers: a backlog beyond
     #   waits in the outbox, where a slow client skips ahead, not in buffers where it would only add latency
+    rate_per_s: float = Field(20.0, gt=0)  # messages per second per connection, on average (token bucket) ...
+    rate_burst: PositiveInt = 40  # ... with bursts up to this many; beyond: error "rate_limited" (connection kept)
 
     @property
     def transport_max_bytes(self) -> int:
@@ -176,35 +180,80 @@ class ProtocolError(Exception):
         return Error(type="error", code=self.code, message=self.message, id=self.request_id)
 
 
+class TokenBucket:
+    """Per-connection message rate: `rate` tokens a second, at most `burst` saved; each message takes one."""
+
+    def __init__(self, rate: float, burst: int, clock=time.monotonic):
+        self.rate, self.burst, self.clock = rate, burst, clock
+        self.tokens, self.last = float(burst), clock()
+
+    def take(self) -> bool:
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {_short(text, 20)} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _clip(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _short(value: object, limit: int = 60) -> str:
+    return _clip(repr(value), limit)
+
+
 def parse_client_message(data: str | bytes, limits: Limits) -> ClientMessage:
     """A validated client message, or ProtocolError with code too_large / binary / bad_json / bad_message /
-    unknown_type / unsupported_version / invalid / limit."""
+    unknown_type / unsupported_version / invalid / limit. Never any other exception, whatever `data` holds."""
     if isinstance(data, bytes | bytearray):
         raise ProtocolError("binary", "binary messages are not accepted from clients; send JSON text")
-    size = len(data.encode())
+    try:
+        size = len(data.encode())
+    except UnicodeEncodeError:  # lone surrogates (websockets only hands over valid UTF-8, direct callers may not)
+        raise ProtocolError("bad_json", "not valid JSON: the text is not valid Unicode") from None
     if size > limits.max_message_bytes:
         raise ProtocolError("too_large", f"message of {size} bytes exceeds the limit of {limits.max_message_bytes}")
     try:
-        raw = json.loads(data)
-    except json.JSONDecodeError as e:
-        raise ProtocolError("bad_json", f"not valid JSON: {e}") from None
+        raw = json.loads(data, parse_float=_finite, parse_constant=_no_constant)
+        json.dumps(raw, ensure_ascii=False).encode()  # escaped lone surrogates ("\\ud800") are not text either
+    except RecursionError:
+        raise ProtocolError("bad_json", "not valid JSON: nested too deeply") from None
+    except UnicodeEncodeError:
+        raise ProtocolError("bad_json", "not valid JSON: a string holds a lone surrogate escape (\\ud800-\\udfff), "
+                            "which is not text") from None
+    except ValueError as e:  # JSONDecodeError, NaN/Infinity, 1e999, an integer of thousands of digits
+        reason = "a number has too many digits" if "digits" in str(e) else _clip(str(e), 200)
+        raise ProtocolError("bad_json", f"not valid JSON: {reason}") from None
     if not isinstance(raw, dict):
         raise ProtocolError("bad_message", f"a message is a JSON object with a 'type', got {type(raw).__name__}")
     request_id = raw.get("id") if isinstance(raw.get("id"), str | int) and not isinstance(raw.get("id"), bool) else None
     if "type" not in raw:
         raise ProtocolError("bad_message", "the message has no 'type'", request_id)
     if raw["type"] not in CLIENT_TYPES:
-        raise ProtocolError("unknown_type", f"unknown message type {raw['type']!r}; known: {', '.join(CLIENT_TYPES)}",
-                            request_id)
-    if "v" in raw and raw["v"] != PROTOCOL_VERSION:
-        raise ProtocolError("unsupported_version",
-                            f"protocol version {raw['v']!r} is not supported; this server speaks {PROTOCOL_VERSION}",
-                            request_id)
+        raise ProtocolError("unknown_type", f"unknown message type {_short(raw['type'])}; known: "
+                            f"{', '.join(CLIENT_TYPES)}", request_id)
+    if "v" in raw and not (type(raw["v"]) is int and raw["v"] == PROTOCOL_VERSION):
+        raise ProtocolError("unsupported_version", f"protocol version {_short(raw['v'])} is not supported; this "
+                            f"server speaks {PROTOCOL_VERSION}", request_id)
     try:
         message = _client_adapter.validate_python(raw, strict=True)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'][1:]) or 'message'}: {err['msg']}"
-                             for err in e.errors())
+        problems = "; ".join(f"{_clip('.'.join(str(p) for p in err['loc'][1:])) or 'message'}: {err['msg']}"
+                             for err in e.errors()[:10])
         raise ProtocolError("invalid", f"bad {raw['type']!r} message: {problems}", request_id) from None
     check_limits(message, limits)
     return message

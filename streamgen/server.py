@@ -12,21 +12,32 @@ the protocol of `streamgen.protocol`. Each room has one job, and requests flow o
 
 Chunks of different streams run one forward each, not batched: every stream has its own KV cache, and the model
 has no forward over several caches at once.
+
+Access: the server listens on 127.0.0.1 unless told otherwise, and any other address needs an access token, which
+websocket clients give as `?token=` in the URL (checked in constant time before the handshake). Browsers' websocket
+connections are checked by their Origin (same host:port as the page by default), and without a token the Host header
+must name this machine, so a web page elsewhere can reach the server neither directly nor by DNS rebinding. No client
+message names a file: prompts are text, and nothing a client sends becomes a path.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import http
+import ipaddress
 import logging
 import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
+from urllib.parse import parse_qs, urlsplit
 
+import torch
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
@@ -47,6 +58,7 @@ from streamgen.protocol import (
     Start,
     Started,
     Stop,
+    TokenBucket,
     pack_media,
     parse_client_message,
 )
@@ -264,25 +276,52 @@ class Scheduler:
                 share = 1 / sum(not j.paused for j in self._jobs)
             try:
                 job.make_chunk(share)
-            except Exception as e:  # one stream's failure ends that stream, not the server
+            except Exception as e:  # one stream's failure ends that stream, not the server: its cache is freed now
                 log.exception("stream %d failed", job.id)
                 self.remove(job)
                 job.close()
-                job.finish("error", f"{type(e).__name__}: {e}")
+                job.finish("error", failure_message(e, job.chunks))
                 continue
             if job.session.done and not job.session.closed:  # complete (a closed one was stopped by its client)
                 self.remove(job)
                 job.finish("finished")
 
 
+def failure_message(e: Exception, chunk: int) -> str:
+    """What a client is told when making chunk `chunk` of its stream failed."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return (f"out of memory making chunk {chunk}; the stream was ended and its memory freed (try a smaller size "
+                "or fewer steps)")
+    return f"making chunk {chunk} failed: {type(e).__name__}: {e}"
+
+
+MIN_TOKEN_CHARS = 16
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address or name) is this machine only."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 class StreamServer:
     """The server: `async with StreamServer(pipeline, port=0) as server:` serves until the block ends.
 
     `port=0` takes a free port (see `port`). The pipeline is used by the scheduler's worker thread only.
+    `token`: clients must connect with `?token=<token>`; required when `host` is not a loopback address.
+    `allowed_origins`: Origins (`https://app.example:443`, or `*`) whose pages may connect; default: a page from
+    this server only (Origin host:port == Host). Clients that send no Origin (not browsers) are not checked by it.
     """
 
     def __init__(self, pipeline: Pipeline, host: str = "127.0.0.1", port: int = 8765, limits: Limits | None = None,
-                 description: str = ""):
+                 description: str = "", token: str | None = None, allowed_origins: Sequence[str] | None = None):
+        self.check_access(host, token)
+        self.token = token.encode() if token else None
+        self.allowed_origins = None if allowed_origins is None else {o.rstrip("/").lower() for o in allowed_origins}
         self.pipeline, self.host, self.requested_port = pipeline, host, port
         self.limits = limits or Limits()
         s = pipeline.settings
@@ -293,6 +332,16 @@ class StreamServer:
         self.jobs: dict[int, StreamJob] = {}  # live streams by id, for tests and logs
         self._next_id = 1
         self._server: Server | None = None
+
+    @staticmethod
+    def check_access(host: str, token: str | None) -> None:
+        """ValueError unless `host` is loopback or a good enough `token` is given."""
+        if token is not None and (len(token) < MIN_TOKEN_CHARS or not token.isascii() or not token.isprintable()):
+            raise ValueError(f"the access token must be at least {MIN_TOKEN_CHARS} printable ASCII characters, e.g. "
+                             "from python -c 'import secrets; print(secrets.token_urlsafe())'")
+        if not token and not is_loopback(host):
+            raise ValueError(f"serving on {host} makes the server reachable from other machines: give an access "
+                             "token (--token or STREAMGEN_TOKEN), or serve on 127.0.0.1")
 
     @property
     def port(self) -> int:
@@ -325,15 +374,43 @@ class StreamServer:
             await self._server.serve_forever()
 
     def _http(self, connection: ServerConnection, request: Request) -> Response | None:
-        """Plain HTTP on the websocket port: the page at /, 404 elsewhere; upgrades go on to the handshake."""
+        """Plain HTTP on the websocket port: the page at /, 404 elsewhere; upgrades go on to the handshake if the
+        access checks pass."""
         if request.headers.get("Upgrade", "").lower() == "websocket":
-            return None
+            refusal = self._refusal(request)
+            if refusal is None:
+                return None
+            status, reason = refusal
+            log.warning("refused a connection: %s", reason)
+            return connection.respond(status, reason + "\n")
         if request.path.split("?")[0] not in ("/", "/index.html"):
             return connection.respond(http.HTTPStatus.NOT_FOUND, "not found: the page is at /\n")
         response = connection.respond(http.HTTPStatus.OK, self.page)
         del response.headers["Content-Type"]
         response.headers["Content-Type"] = "text/html; charset=utf-8"
         return response
+
+    def _refusal(self, request: Request) -> tuple[http.HTTPStatus, str] | None:
+        """Why a websocket upgrade is refused (status, reason), or None to accept it."""
+        host = request.headers.get("Host", "")
+        origin = request.headers.get("Origin")
+        if origin is not None:
+            origin = origin.rstrip("/").lower()
+            if self.allowed_origins is None:
+                allowed = urlsplit(origin).netloc == host.lower()
+            else:
+                allowed = "*" in self.allowed_origins or origin in self.allowed_origins
+            if not allowed:
+                return http.HTTPStatus.FORBIDDEN, f"origin {origin[:100]} is not allowed to connect"
+        if self.token is None:
+            name = urlsplit("//" + host).hostname or ""
+            if not (is_loopback(name) or name == self.host.lower()):
+                return http.HTTPStatus.FORBIDDEN, f"host {host[:100]} is not this server's (loopback only)"
+            return None
+        given = parse_qs(urlsplit(request.path).query).get("token", [""])[-1]
+        if not hmac.compare_digest(given.encode(), self.token):
+            return http.HTTPStatus.UNAUTHORIZED, "a valid access token is required: connect with ?token=..."
+        return None
 
     async def _handle(self, ws: ServerConnection) -> None:
         sock = ws.transport.get_extra_info("socket")
@@ -356,10 +433,14 @@ class _Connection:
 
     async def run(self) -> None:
         await self.ws.send(self.server.hello)
+        bucket = TokenBucket(self.limits.rate_per_s, self.limits.rate_burst)
         try:
             async for data in self.ws:
                 request_id = None
                 try:
+                    if not bucket.take():
+                        raise ProtocolError("rate_limited", f"more than {self.limits.rate_per_s:g} messages a second "
+                                            f"(bursts of {self.limits.rate_burst}); this one was ignored")
                     message = parse_client_message(data, self.limits)
                     request_id = message.id
                     answer = await self.dispatch(message)

@@ -29,6 +29,10 @@ from streamgen.pipeline import Pipeline
 from streamgen.vae import to_uint8_frames
 
 
+class NonFiniteError(FloatingPointError):
+    """A chunk's latents hold NaN or Inf: the session ends (its later chunks would build on them)."""
+
+
 @dataclass
 class SessionChunk:
     index: int  # chunk index in the video
@@ -166,7 +170,9 @@ class Session:
     # -- chunks ------------------------------------------------------------------------------------------------------
 
     def next_chunk(self) -> SessionChunk | None:
-        """Make, decode and return the next chunk; None once the video is complete or the session closed."""
+        """Make, decode and return the next chunk; None once the video is complete or the session closed.
+
+        NonFiniteError when the chunk's latents hold NaN or Inf (checked every chunk); the session is closed then."""
         with self._run:
             if self.done:
                 return None
@@ -195,9 +201,15 @@ class Session:
             video_frames = 1 + 4 * (size - 1) if stream.index == 0 else 4 * size
             steps = self._steps if controller is None else controller.choose(size, video_frames)
             latents = stream.next_chunk(steps)
+            finite = torch.isfinite(latents.latents).all()  # read after the decode, which waits for the chunk anyway
             t0 = now(device)
             frames = to_uint8_frames(self._decoder.decode(latents.latents))[0]
             decode_s = now(device) - t0
+            if not bool(finite):
+                self._closed = True
+                self._release()
+                raise NonFiniteError(f"chunk {latents.index} ({steps} steps): the latents hold NaN or Inf; the video "
+                                     "was ended and its cache freed")
             if controller is not None and latents.steps:
                 controller.observe(size, latents.steps, latents.denoise_s, latents.context_s + decode_s + switch_s)
             chunk = SessionChunk(latents.index, self._frame, frames, latents.steps, version, latents.position,

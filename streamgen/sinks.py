@@ -107,8 +107,10 @@ class Mp4Sink(Sink):
     """An MP4 file: H.264 (libx264) yuv420p by default, constant frame rate `fps`.
 
     The video is written to a hidden temporary file beside `path` (`.name.<random>.part`) and renamed onto `path`
-    by `close()`, so `path` only ever holds a finished file; `abort()` deletes the temporary file. The `moov` index
-    is moved to the front (`movflags=faststart`) so a browser can start playing before the download ends.
+    by `close()`, so `path` only ever holds a finished file; `abort()` deletes the temporary file. A write that
+    fails (a full disk: OSError ENOSPC) aborts: no file under `path`, no temporary file left, the error raised (a
+    failing `close()` likewise). The `moov` index is moved to the front (`movflags=faststart`) so a browser can start
+    playing before the download ends.
 
     yuv420p needs an even width and height; an odd one raises ValueError on the first chunk (crop or pad before
     writing; this sink does not change the picture). `codec` may name another encoder that takes `crf` (libx265,
@@ -142,8 +144,12 @@ class Mp4Sink(Sink):
             self._tmp = _temp_path(self.path)
             self._container = av.open(str(self._tmp), "w", format="mp4", container_options={"movflags": "faststart"})
             self._stream = _add_h264_stream(self._container, self.codec, self.fps, frames.shape[1:3], self._options)
-        for i, frame in enumerate(frames):
-            self._container.mux(self._stream.encode(_yuv_frame(frame, self.frames_written + i)))
+        try:
+            for i, frame in enumerate(frames):
+                self._container.mux(self._stream.encode(_yuv_frame(frame, self.frames_written + i)))
+        except OSError:  # a full disk: the partial video is thrown away at once, not left behind
+            self.abort()
+            raise
 
     def _close(self) -> None:
         if self._container is None:
