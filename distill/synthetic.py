@@ -115,6 +115,30 @@ def render(scene: Scene, frames: int, height: int, width: int) -> np.ndarray:
     return out
 
 
+class _PixelCache:
+    """Rendered clips (uint8) kept by (seed, index, frames, height, width) until `budget` bytes are held.
+
+    Training draws every clip once per epoch (the VAE, the caption classifier, the shard writer): drawing a clip costs
+    more than a training step spends on it on a GPU, so without this the GPU waits for the CPU. Clips past the budget
+    are drawn again each time, so a large dataset costs time, never memory.
+    """
+
+    def __init__(self, budget: int):
+        self.budget, self.used, self.clips = budget, 0, {}
+
+    def get(self, key: tuple[int, ...], draw) -> np.ndarray:
+        pixels = self.clips.get(key)
+        if pixels is None:
+            pixels = draw()
+            if self.used + pixels.nbytes <= self.budget:
+                self.clips[key] = pixels
+                self.used += pixels.nbytes
+        return pixels
+
+
+PIXEL_CACHE = _PixelCache(4 * 2**30)  # per process; 2048 clips of 29 frames of 64x64 pixels are 0.7 GiB
+
+
 class SyntheticVideos:
     """Clip i of the dataset `seed`: `frames` frames (1 + 4k for the Wan VAE) of height x width pixels."""
 
@@ -129,17 +153,23 @@ class SyntheticVideos:
             raise IndexError(f"clip {index} of a {self.count}-clip dataset")
         return draw_scene(np.random.default_rng([self.seed, index]))
 
+    def pixels(self, index: int) -> np.ndarray:
+        """Clip `index` as (F, H, W, 3) uint8 (shared with the cache: don't write to it)."""
+        scene = self.scene(index)
+        key = (self.seed, index, self.frames, self.height, self.width)
+        return PIXEL_CACHE.get(key, lambda: render(scene, self.frames, self.height, self.width))
+
     def __getitem__(self, index: int) -> Clip:
         scene = self.scene(index)
-        pixels = render(scene, self.frames, self.height, self.width)
-        video = torch.from_numpy(pixels).permute(3, 0, 1, 2).float() / 127.5 - 1.0
+        video = torch.from_numpy(self.pixels(index)).permute(3, 0, 1, 2).float() / 127.5 - 1.0
         return Clip(video, scene.caption, scene.labels)
 
     def batch(self, indices: list[int]) -> dict:
         """Stacked clips, for the sharded loader: video (B, 3, F, H, W), captions, labels (B, 3) long."""
-        clips = [self[i] for i in indices]
+        scenes = [self.scene(i) for i in indices]
+        pixels = torch.from_numpy(np.stack([self.pixels(i) for i in indices])).permute(0, 4, 1, 2, 3).contiguous()
         return {
-            "video": torch.stack([c.video for c in clips]),
-            "captions": [c.caption for c in clips],
-            "labels": torch.tensor([[c.labels[n] for n in LABELS] for c in clips]),
+            "video": pixels.float().div_(127.5).sub_(1.0),  # one conversion for the batch, of contiguous bytes
+            "captions": [s.caption for s in scenes],
+            "labels": torch.tensor([[s.labels[n] for n in LABELS] for s in scenes]),
         }
