@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
-from distill.losses import Denoiser, noisy, prefix_chunks, teacher_forcing_layout
-from streamgen.engine import Predict, chunk_sizes
+from distill.losses import Denoiser, noisy, teacher_forcing_batch
+from streamgen.engine import Predict
 from streamgen.model import CausalWanTransformer, Run
 from streamgen.schedule import T_MAX, jump, shifted_times
 
@@ -54,13 +54,7 @@ class Consistency(nn.Module):
                 local: torch.Generator) -> tuple[Tensor, dict]:
         s, b, dev = self.settings, x_data.shape[0], x_data.device
         cfg = self.generator.model.config
-        sizes = chunk_sizes(cfg.chunk_partition, x_data.shape[2])
-        n = prefix_chunks(len(sizes), cfg.full_chunk_limit, s.max_chunks, shared)
-        slots, visible = teacher_forcing_layout(sizes[:n], cfg.full_chunk_limit)
-        targets = [slot for slot in slots if slot.noisy]
-        a, e = targets[0].first_frame, targets[-1].first_frame + targets[-1].frames
-        clean = x_data[:, :, :e]
-        x_tgt = clean[:, :, a:]
+        n, slots, visible, a, clean, x_tgt = teacher_forcing_batch(x_data, cfg, s.max_chunks, shared)
 
         def velocity(net: Denoiser, z: Tensor, t: Tensor, r: Tensor) -> Tensor:
             zero = torch.zeros_like(t)

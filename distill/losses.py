@@ -121,6 +121,20 @@ def teacher_forcing_layout(sizes: list[int], full_chunk_limit: int) -> tuple[lis
     return slots, visible
 
 
+def teacher_forcing_batch(x0: Tensor, cfg, max_chunks: int, shared: torch.Generator):
+    """A sampled prefix of the clip x0 (B, C, F, h, w) laid out for teacher forcing.
+
+    Returns (chunks in the prefix, slots, visibility, first target frame, the clean prefix, the clean targets).
+    """
+    sizes = chunk_sizes(cfg.chunk_partition, x0.shape[2])
+    n = prefix_chunks(len(sizes), cfg.full_chunk_limit, max_chunks, shared)
+    slots, visible = teacher_forcing_layout(sizes[:n], cfg.full_chunk_limit)
+    targets = [slot for slot in slots if slot.noisy]
+    a, e = targets[0].first_frame, targets[-1].first_frame + targets[-1].frames
+    clean = x0[:, :, :e]
+    return n, slots, visible, a, clean, clean[:, :, a:]
+
+
 def prefix_chunks(num_chunks: int, full_chunk_limit: int, max_chunks: int, gen: torch.Generator) -> int:
     """How many leading chunks a step trains on: half the time exactly `full_chunk_limit`, else uniform in
     full_chunk_limit..max_chunks; never more than the clip has."""
@@ -197,13 +211,7 @@ def stage1_loss(
     the global batch); None on one process.
     """
     b, dev, cfg = x0.shape[0], x0.device, unwrap(net).config
-    sizes = chunk_sizes(cfg.chunk_partition, x0.shape[2])
-    n = prefix_chunks(len(sizes), cfg.full_chunk_limit, settings.max_chunks, shared)
-    slots, visible = teacher_forcing_layout(sizes[:n], cfg.full_chunk_limit)
-    targets = [s for s in slots if s.noisy]
-    a, e = targets[0].first_frame, targets[-1].first_frame + targets[-1].frames
-    clean = x0[:, :, :e]
-    x_tgt = clean[:, :, a:]
+    n, slots, visible, a, clean, x_tgt = teacher_forcing_batch(x0, cfg, settings.max_chunks, shared)
 
     embeds, dropped = drop_captions(embeds, negative, settings.caption_dropout, local)
     g = torch.where(dropped, 1.0, settings.guidance).to(dev).view(-1, 1, 1, 1, 1)
