@@ -22,7 +22,7 @@ from safetensors import safe_open
 
 from streamgen.checkpoint import CheckpointError, weight_files
 from streamgen.media import MediaError
-from streamgen.pipeline import BUILTIN_DESCRIPTION, SETTINGS_NAME, Pipeline
+from streamgen.pipeline import BUILTIN_DESCRIPTION, SETTINGS_NAME, NonFiniteError, Pipeline
 from streamgen.protocol import Limits
 from streamgen.sinks import ThreadedSink, open_sink
 from streamgen.text import EmbeddingFile
@@ -185,16 +185,25 @@ def generate(args: argparse.Namespace) -> int:
 
     first_frame_at, written = None, 0
     gen_start = time.perf_counter()
+    failure = None
     with ThreadedSink(open_sink(args.output, fps)) as sink:
-        for chunk in pipe.stream(prompt, height=height, width=width, num_frames=frames, steps=args.steps,
-                                 seed=args.seed, context=context):
-            first_frame_at = first_frame_at or time.perf_counter() - gen_start
-            sink.write(chunk.frames[0])
-            written += chunk.frames.shape[1]
-            lat = chunk.latents
-            kind = "context" if lat.from_context else f"{lat.steps} steps"
-            print(f"  chunk {chunk.index}: frames {chunk.first_frame}-{written - 1} ({kind}) cache "
-                  f"{lat.context_s:.3f}s denoise {lat.denoise_s:.3f}s decode {chunk.decode_s:.3f}s", file=sys.stderr)
+        try:
+            for chunk in pipe.stream(prompt, height=height, width=width, num_frames=frames, steps=args.steps,
+                                     seed=args.seed, context=context):
+                first_frame_at = first_frame_at or time.perf_counter() - gen_start
+                sink.write(chunk.frames[0])
+                written += chunk.frames.shape[1]
+                lat = chunk.latents
+                kind = "context" if lat.from_context else f"{lat.steps} steps"
+                print(f"  chunk {chunk.index}: frames {chunk.first_frame}-{written - 1} ({kind}) cache "
+                      f"{lat.context_s:.3f}s denoise {lat.denoise_s:.3f}s decode {chunk.decode_s:.3f}s",
+                      file=sys.stderr)
+        except NonFiniteError as e:  # the sink still closes normally: the frames made before are kept
+            if not written:
+                raise UsageError(f"{e}; nothing was written") from None
+            failure = e
+    if failure is not None:
+        raise UsageError(f"{failure}; {args.output} holds the {written} frames made before it")
     total = time.perf_counter() - gen_start
     print(f"done: {written} frames -> {args.output}; time to first frame {first_frame_at:.3f}s, total {total:.2f}s, "
           f"{written / total:.1f} fps ({total / written * 1000:.1f} ms/frame; load {gen_start - start:.2f}s)",

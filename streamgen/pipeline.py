@@ -154,17 +154,28 @@ class Pipeline:
 
     def _decode(self, decoder, chunk: LatentChunk) -> np.ndarray:
         """Frames of a chunk, decoded on the side stream on CUDA: it waits for this chunk's latents only, so the
-        next chunk's denoising (already queued on the main stream) runs alongside."""
+        next chunk's denoising (already queued on the main stream) runs alongside. Raises NonFiniteError when the
+        latents hold NaN or Inf (read after the host copy, so the check adds no wait)."""
         if self._decode_stream is None:
-            return to_uint8_frames(decoder.decode(chunk.latents))
-        self._decode_stream.wait_event(chunk.ready)
-        with torch.cuda.stream(self._decode_stream):
-            chunk.latents.record_stream(self._decode_stream)
-            return to_uint8_frames(decoder.decode(chunk.latents))  # the host copy waits for this stream only
+            finite = torch.isfinite(chunk.latents).all()
+            frames = to_uint8_frames(decoder.decode(chunk.latents))
+        else:
+            self._decode_stream.wait_event(chunk.ready)
+            with torch.cuda.stream(self._decode_stream):
+                chunk.latents.record_stream(self._decode_stream)
+                finite = torch.isfinite(chunk.latents).all()
+                frames = to_uint8_frames(decoder.decode(chunk.latents))  # the host copy waits for this stream only
+        if not bool(finite):
+            raise NonFiniteError(f"chunk {chunk.index}: the latents hold NaN or Inf")
+        return frames
 
     def generate(self, prompt, **kwargs) -> np.ndarray:
         """All frames (B, F, H, W, 3) uint8."""
         return np.concatenate([c.frames for c in self.stream(prompt, **kwargs)], axis=1)
+
+
+class NonFiniteError(FloatingPointError):
+    """A chunk's latents hold NaN or Inf: the video ends there (its later chunks would build on them)."""
 
 
 def _one_ahead(chunks: Iterator[LatentChunk]) -> Iterator[LatentChunk]:

@@ -25,12 +25,8 @@ import numpy as np
 import torch
 
 from streamgen.engine import EVICTION, LatentStream, now
-from streamgen.pipeline import Pipeline
+from streamgen.pipeline import NonFiniteError, Pipeline
 from streamgen.vae import to_uint8_frames
-
-
-class NonFiniteError(FloatingPointError):
-    """A chunk's latents hold NaN or Inf: the session ends (its later chunks would build on them)."""
 
 
 @dataclass

@@ -79,3 +79,27 @@ def test_info(tmp_path, capsys):
     assert report["vae"]["config"]["z_dim"] == 16
     assert report["text_encoder"]["config"]["_class_name"] == "WordHashEncoder"
     assert report["settings"]["fps"] == 8.0
+
+
+@pytest.mark.parametrize("bad_chunk, kept_frames", [(2, 9), (0, 0)])
+def test_nan_latents_end_the_video_and_keep_what_was_made(tmp_path, capsys, monkeypatch, bad_chunk, kept_frames):
+    import streamgen.engine as engine
+
+    real_jump, calls = engine.jump, []
+
+    def jump(z, u, t, r):  # one step per chunk: the call index is the chunk index
+        calls.append(1)
+        out = real_jump(z, u, t, r)
+        return out.fill_(float("nan")) if len(calls) == bad_chunk + 1 else out
+
+    monkeypatch.setattr(engine, "jump", jump)
+    out = tmp_path / "v.mp4"
+    assert main(["generate", "--prompt", "x", "--steps", "1", "--device", "cpu", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"chunk {bad_chunk}: the latents hold NaN or Inf" in err
+    if kept_frames:
+        assert f"holds the {kept_frames} frames made before it" in err
+        with av.open(str(out)) as container:
+            assert container.streams.video[0].frames == kept_frames
+    else:
+        assert "nothing was written" in err and not out.exists()
