@@ -47,7 +47,7 @@ class GraphRunner:
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             try:
-                # thread_local: the decoder may be running CUDA work in another thread meanwhile
+                # thread_local: other threads (a server's, an app's) may run CUDA work during a capture
                 with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                     out = fn(*static)
             except RuntimeError as e:

@@ -24,7 +24,7 @@ from streamgen.engine import Budget, Generator, LatentChunk, chunk_sizes
 from streamgen.media import fit_frames, read_frames
 from streamgen.model import CausalWanTransformer, load_transformer, save_transformer
 from streamgen.text import CachedTextEncoder, TextEncoder, UMT5TextEncoder, WordHashEncoder
-from streamgen.vae import WanVAE, to_uint8_frames
+from streamgen.vae import StreamingDecoder, WanVAE, to_uint8_frames
 from streamgen.vae import preset as vae_preset
 
 SETTINGS_NAME = "streamgen.json"
@@ -148,14 +148,14 @@ class Pipeline:
         first_frame = 0
         for chunk in (chunks if self._decode_stream is None else _one_ahead(chunks)):
             t0 = time.perf_counter()
-            frames = self._decode(decoder, chunk)
+            frames = self.decode_chunk(decoder, chunk)
             yield FrameChunk(chunk.index, first_frame, frames, chunk, time.perf_counter() - t0)
             first_frame += frames.shape[1]
 
-    def _decode(self, decoder, chunk: LatentChunk) -> np.ndarray:
-        """Frames of a chunk, decoded on the side stream on CUDA: it waits for this chunk's latents only, so the
-        next chunk's denoising (already queued on the main stream) runs alongside. Raises NonFiniteError when the
-        latents hold NaN or Inf (read after the host copy, so the check adds no wait)."""
+    def decode_chunk(self, decoder: StreamingDecoder, chunk: LatentChunk) -> np.ndarray:
+        """Frames (B, F, H, W, 3) uint8 of a chunk, decoded on the side stream on CUDA: it waits for this chunk's
+        latents only, so the next chunk's denoising (already queued on the main stream) runs alongside. Raises
+        NonFiniteError when the latents hold NaN or Inf (read after the host copy, so the check adds no wait)."""
         if self._decode_stream is None:
             finite = torch.isfinite(chunk.latents).all()
             frames = to_uint8_frames(decoder.decode(chunk.latents))

@@ -26,7 +26,6 @@ import torch
 
 from streamgen.engine import EVICTION, LatentStream, now
 from streamgen.pipeline import NonFiniteError, Pipeline
-from streamgen.vae import to_uint8_frames
 
 
 @dataclass
@@ -197,15 +196,15 @@ class Session:
             video_frames = 1 + 4 * (size - 1) if stream.index == 0 else 4 * size
             steps = self._steps if controller is None else controller.choose(size, video_frames)
             latents = stream.next_chunk(steps)
-            finite = torch.isfinite(latents.latents).all()  # read after the decode, which waits for the chunk anyway
             t0 = now(device)
-            frames = to_uint8_frames(self._decoder.decode(latents.latents))[0]
-            decode_s = now(device) - t0
-            if not bool(finite):
+            try:
+                frames = self.pipeline.decode_chunk(self._decoder, latents)[0]
+            except NonFiniteError:
                 self._closed = True
                 self._release()
                 raise NonFiniteError(f"chunk {latents.index} ({steps} steps): the latents hold NaN or Inf; the video "
-                                     "was ended and its cache freed")
+                                     "was ended and its cache freed") from None
+            decode_s = now(device) - t0
             if controller is not None and latents.steps:
                 controller.observe(size, latents.steps, latents.denoise_s, latents.context_s + decode_s + switch_s)
             chunk = SessionChunk(latents.index, self._frame, frames, latents.steps, version, latents.position,
