@@ -6,34 +6,39 @@ kept, so a config saved back is the config that was read.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Bounds far beyond any released model (Wan2.1 14B: 40 layers, 40 heads, dim 5120, ffn 13824). A damaged config.json
+# (a float like 3.4e16 where a count belongs) must fail validation instead of building a model for hours.
+Count = Annotated[int, Field(ge=1, le=256)]  # layers, heads, blocks, factors
+Width = Annotated[int, Field(ge=1, le=1 << 18)]  # channels and feature sizes
 
 
 class TransformerConfig(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
 
     # Wan2.1 DiT
-    num_layers: PositiveInt
-    num_attention_heads: PositiveInt
-    attention_head_dim: PositiveInt
-    ffn_dim: PositiveInt
-    in_channels: PositiveInt
-    out_channels: PositiveInt
-    text_dim: PositiveInt
-    freq_dim: PositiveInt
-    patch_size: tuple[PositiveInt, PositiveInt, PositiveInt]
+    num_layers: Count
+    num_attention_heads: Count
+    attention_head_dim: Width
+    ffn_dim: Width
+    in_channels: Width
+    out_channels: Width
+    text_dim: Width
+    freq_dim: Width
+    patch_size: tuple[Count, Count, Count]
     qk_norm: Literal["rms_norm_across_heads"] = "rms_norm_across_heads"
     cross_attn_norm: bool = True
     eps: float = 1e-6
-    rope_max_seq_len: PositiveInt = 1024
+    rope_max_seq_len: Width = 1024
     image_dim: None = None
     added_kv_proj_dim: None = None
     # FAR causal context and the AnyFlow two-time embedding
-    compressed_patch_size: tuple[PositiveInt, PositiveInt, PositiveInt]
-    full_chunk_limit: PositiveInt
-    chunk_partition: list[PositiveInt]
+    compressed_patch_size: tuple[Count, Count, Count]
+    full_chunk_limit: Count
+    chunk_partition: Annotated[list[Count], Field(max_length=1 << 16)]
     gate_value: float
     deltatime_type: Literal["r", "t-r"]
 

@@ -32,14 +32,16 @@ from __future__ import annotations
 import os
 from itertools import pairwise
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
 from streamgen.checkpoint import CheckpointError, component_dir, load_weights, read_config, save_weights
+from streamgen.config import Count, Width
 
 # Per-channel latent statistics of the released Wan2.1 VAE (its config.json carries them too).
 WAN21_LATENTS_MEAN = (
@@ -58,18 +60,18 @@ class VaeConfig(BaseModel):
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    base_dim: PositiveInt = 96
-    decoder_base_dim: PositiveInt | None = None
-    z_dim: PositiveInt = 16
-    dim_mult: list[PositiveInt] = [1, 2, 4, 4]
-    num_res_blocks: PositiveInt = 2
+    base_dim: Width = 96
+    decoder_base_dim: Width | None = None
+    z_dim: Width = 16
+    dim_mult: Annotated[list[Count], Field(max_length=16)] = [1, 2, 4, 4]
+    num_res_blocks: Count = 2
     attn_scales: list[float] = []
     temperal_downsample: list[bool] = [False, True, True]  # diffusers' spelling
     dropout: float = 0.0
     latents_mean: list[float]
     latents_std: list[float]
-    in_channels: PositiveInt = 3
-    out_channels: PositiveInt = 3
+    in_channels: Width = 3
+    out_channels: Width = 3
     is_residual: bool = False  # True is the Wan2.2 VAE, a different architecture
     patch_size: int | None = None  # set by the Wan2.2 VAE only
 

@@ -2,11 +2,13 @@ import json
 
 import pytest
 import torch
+from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
 from streamgen import load_transformer, save_transformer
 from streamgen.checkpoint import CheckpointError
 from streamgen.model import Run
+from streamgen.vae import VaeConfig
 
 
 def velocity(model, prompt):
@@ -123,6 +125,20 @@ def test_bad_configs(tiny_model, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="deltatime_type"):
         load_transformer(tmp_path)
+
+
+def test_absurd_sizes_fail_validation_before_any_module_is_built(tiny_model, tmp_path):
+    """A float where a count belongs (seen in CI: 3.4e16 res blocks) once built modules for hours."""
+    save_transformer(tiny_model, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    for key, value in [("num_layers", 3.4e16), ("ffn_dim", 1e12), ("chunk_partition", [1, 1e9])]:
+        (tmp_path / "config.json").write_text(json.dumps({**cfg, key: value}))
+        with pytest.raises(CheckpointError, match=f"{key}.*less than or equal"):
+            load_transformer(tmp_path)
+    vae = VaeConfig(latents_mean=[0.0] * 16, latents_std=[1.0] * 16).model_dump()
+    for key, value in [("num_res_blocks", 3.4184430467534848e16), ("base_dim", 2.0**40), ("dim_mult", [1] * 100)]:
+        with pytest.raises(ValidationError, match=key):
+            VaeConfig(**{**vae, key: value})
 
 
 def test_missing_shard_and_pickles(tiny_model, tmp_path):
