@@ -1,10 +1,10 @@
 """Throughput of `streamgen serve` with N concurrent clients: frames per second per stream and in all.
 
-    python benchmarks/serve_streams.py --streams 1 2 4     # built-in tiny model, CPU, JPEG, 64x64
+    python benchmarks/serve_streams.py --streams 1 2 4 --max-batch 1 4   # built-in tiny model, CPU, JPEG, 64x64
 
 Each client starts an endless stream with `realtime: false` (as fast as the model goes) and reads everything; the
 server runs in this process on a free port. Frames are counted from the chunk messages over `--seconds` after a
-warm-up of two chunks per stream.
+warm-up of two chunks per stream. `--max-batch 1` makes one chunk at a time; larger lets due streams share forwards.
 """
 
 from __future__ import annotations
@@ -40,12 +40,12 @@ async def client(port: int, steps: int, seconds: float, started: asyncio.Barrier
         return frames, dropped
 
 
-async def measure(pipe: Pipeline, streams: int, steps: int, seconds: float) -> None:
-    async with StreamServer(pipe, port=0, limits=Limits(max_streams=streams)) as server:
+async def measure(pipe: Pipeline, streams: int, steps: int, seconds: float, max_batch: int) -> None:
+    async with StreamServer(pipe, port=0, limits=Limits(max_streams=streams, max_batch=max_batch)) as server:
         barrier = asyncio.Barrier(streams)
         results = await asyncio.gather(*(client(server.port, steps, seconds, barrier) for _ in range(streams)))
     per_stream = [f / seconds for f, _ in results]
-    print(f"{streams} streams: {sum(per_stream):6.1f} frames/s in all, per stream "
+    print(f"{streams} streams, max_batch {max_batch}: {sum(per_stream):6.1f} frames/s in all, per stream "
           + ", ".join(f"{x:.1f}" for x in per_stream) + f"; dropped {sum(d for _, d in results)}")
 
 
@@ -54,12 +54,14 @@ def main() -> None:
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--max-batch", type=int, nargs="+", default=[1, 4])
     args = parser.parse_args()
     pipe = Pipeline.load(None)
     print(f"{pipe.transformer.device}, built-in tiny model, {pipe.settings.width}x{pipe.settings.height}, "
           f"steps {args.steps}, JPEG")
     for n in args.streams:
-        asyncio.run(measure(pipe, n, args.steps, args.seconds))
+        for max_batch in args.max_batch:
+            asyncio.run(measure(pipe, n, args.steps, args.seconds, max_batch))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ positions re-indexed into the trained range, in preallocated buffers (see `strea
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor
 
 from streamgen.cache import BufferPool, Entry, KVCache, context_layout, entry_tokens, window_layout
-from streamgen.model import CausalWanTransformer, Run
+from streamgen.model import CausalWanTransformer, Past, Run
 from streamgen.schedule import Schedule, as_schedule, jump
 
 Budget = int | Schedule
@@ -43,10 +44,11 @@ class LatentChunk:
     latents: Tensor  # (B, C, f, H, W) float32, final
     steps: int  # flow-map jumps taken (0 for context chunks)
     from_context: bool  # given by the caller (I2V/V2V), not generated
-    marks: tuple[Mark, Mark, Mark]  # start, cache refreshed, latents final (see `mark`)
+    marks: tuple[Mark, Mark, Mark, Mark]  # start, cache refreshed, denoising started, latents final (see `mark`)
     position: int = -1  # rotary frame index of its first frame (differs from first_frame once an endless stream
     #                     re-indexed; -1 when unknown)
     recomputed: int = 0  # cache entries (re)computed before this chunk
+    batch: int = 1  # streams whose chunks were denoised in the same forwards as this one (`Generator.next_chunks`)
 
     @property
     def context_s(self) -> float:
@@ -55,13 +57,13 @@ class LatentChunk:
 
     @property
     def denoise_s(self) -> float:
-        """Seconds spent denoising this chunk (waits for the chunk's work on CUDA)."""
-        return seconds(self.marks[1], self.marks[2])
+        """Seconds spent denoising this chunk, shared with the other chunks of its batch (waits on CUDA)."""
+        return seconds(self.marks[2], self.marks[3])
 
     @property
     def ready(self) -> torch.cuda.Event | None:
         """On CUDA, the event after which the latents are final: another stream waits on it, not on the whole queue."""
-        return self.marks[2] if isinstance(self.marks[2], torch.cuda.Event) else None
+        return self.marks[3] if isinstance(self.marks[3], torch.cuda.Event) else None
 
 
 Mark = float | torch.cuda.Event
@@ -89,6 +91,19 @@ def now(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+@dataclass
+class Begun:
+    """A chunk whose context is in the cache and whose starting latents are drawn: what is left is denoising."""
+
+    index: int
+    first_frame: int
+    z: Tensor  # noise (or the given context latents when `schedule` is None)
+    schedule: Schedule | None  # None: a context chunk, final as given
+    position: int  # rotary frame index of its first frame
+    recomputed: int
+    marks: tuple[Mark, Mark]  # start, cache refreshed
 
 
 def chunk_sizes(partition: Sequence[int], num_frames: int) -> list[int]:
@@ -179,6 +194,88 @@ class Generator:
     def generate(self, prompt_embeds: Tensor, **kwargs) -> Tensor:
         """The whole latent video (B, C, F, H, W), context frames included."""
         return torch.cat([chunk.latents for chunk in self.stream(prompt_embeds, **kwargs)], dim=2)
+
+    @torch.no_grad()
+    def next_chunks(self, streams: Sequence[LatentStream], steps: Sequence[Budget | None] | None = None
+                    ) -> list[LatentChunk | Exception]:
+        """The next chunk of each stream (its `steps` overrides its budget for this chunk), denoised in shared
+        forwards where the chunks allow it.
+
+        Chunks share a forward when they have the same size, context length, rotary position, prompt length and step
+        schedule (streams of one video size that are at the same point, or endless ones past their window) and the
+        sampler is the deterministic flow-map jump: their batch then equals making them one by one up to float
+        rounding. For that the group's contexts are copied into one batch of KV buffers (from `buffers`, so repeated
+        groups replay their CUDA graphs) once per chunk, not per step. Each stream's outcome is its own: an error
+        (out of memory, a closed stream) is returned in its place, and a failed shared forward is retried stream by
+        stream, so one stream's failure does not end the others.
+        """
+        steps = [None] * len(streams) if steps is None else list(steps)
+        if len(steps) != len(streams):
+            raise ValueError(f"got {len(steps)} step budgets for {len(streams)} streams")
+        if any(s.model is not self.model for s in streams):
+            raise ValueError("every stream must come from this generator")
+        results: list[LatentChunk | Exception | None] = [None] * len(streams)
+        begun: dict[int, Begun] = {}
+        for i, (stream, budget) in enumerate(zip(streams, steps)):
+            try:
+                begun[i] = stream.begin_chunk(budget)
+            except Exception as e:
+                results[i] = e
+        groups: dict[tuple, list[int]] = {}
+        for i, b in begun.items():
+            key = streams[i].batch_key(b) if self.step is flow_map_step else None
+            groups.setdefault(key if key is not None else ("alone", i), []).append(i)
+        for members in groups.values():
+            if len(members) > 1:
+                try:
+                    start = mark(self.model.device)
+                    latents = self._denoise_together([streams[i] for i in members], [begun[i] for i in members])
+                    end = mark(self.model.device)
+                except Exception:  # e.g. out of memory for the batch: each stream on its own below
+                    latents = None
+                if latents is not None:
+                    for i, z in zip(members, latents):
+                        results[i] = streams[i].end_chunk(begun[i], z, (start, end), batch=len(members))
+                    continue
+            for i in members:
+                try:
+                    results[i] = streams[i].end_chunk(begun[i], *streams[i].denoise(begun[i]))
+                except Exception as e:
+                    results[i] = e
+        return results
+
+    def _denoise_together(self, streams: list[LatentStream], begun: list[Begun]) -> list[Tensor]:
+        """Denoise chunks of equal `batch_key` in one forward per step; their latents, stream by stream."""
+        first, n = streams[0], streams[0].cache.length
+        rows = [s.batch for s in streams]
+        z = torch.cat([b.z for b in begun])
+        keys, values = first.cache.keys, first.cache.values
+        tokens = first.model.token_grid(begun[0].z, compressed=False)
+        shape = (keys.shape[0], sum(rows), n + math.prod(tokens), *keys.shape[3:])
+        batch_keys = self.buffers.take(shape, keys.dtype, keys.device)
+        batch_values = self.buffers.take(shape, values.dtype, values.device)
+        try:
+            row = 0
+            for s in streams:
+                batch_keys[:, row:row + s.batch, :n] = s.cache.keys[:, :, :n]
+                batch_values[:, row:row + s.batch, :n] = s.cache.values[:, :, :n]
+                row += s.batch
+            text = [tuple(torch.cat([s.text[layer][j] for s in streams]) for j in range(2))
+                    for layer in range(len(first.text))]
+            past = Past(batch_keys, batch_values, n)
+            position = begun[0].position
+
+            def predict(z: Tensor, t: float, r: float) -> Tensor:
+                tt = torch.full((z.shape[0],), t, device=z.device)
+                rr = torch.full((z.shape[0],), r, device=z.device)
+                return self.model([Run(z, tt, rr, position)], text, past=past).velocities[0]
+
+            for t, r in begun[0].schedule:
+                z = self.step(predict, z, t, r, None)
+            return list(z.split(rows))
+        finally:
+            self.buffers.give(batch_keys)
+            self.buffers.give(batch_values)
 
     def _check_size(self, height: int, width: int) -> None:
         ph, pw = self.model.config.compressed_patch_size[1:]
@@ -338,12 +435,20 @@ class LatentStream:
     @torch.no_grad()
     def next_chunk(self, steps: Budget | None = None) -> LatentChunk:
         """Make chunk `index` final and return it; `steps` overrides the budget for this chunk only."""
+        begun = self.begin_chunk(steps)
+        return self.end_chunk(begun, *self.denoise(begun))
+
+    # The three parts of `next_chunk`, apart so `Generator.next_chunks` can denoise several streams' chunks together.
+
+    @torch.no_grad()
+    def begin_chunk(self, steps: Budget | None = None) -> Begun:
+        """Bring the cache up to date for chunk `index` and draw its noise."""
         if self.cache is None:
             raise RuntimeError("the stream is closed")
         if self.done:
             raise RuntimeError(f"the video is complete ({self.num_chunks} chunks)")
         k, size, start = self.index, self.chunk_size(self.index), self.frame
-        cfg, device, batch = self.model.config, self.device, self.batch
+        cfg, device = self.model.config, self.device
         schedule = None if k < self.num_context else (self._steps if steps is None else as_schedule(steps, self.shift))
         t0 = mark(device)
         recomputed = 0
@@ -362,29 +467,46 @@ class LatentStream:
             for old in [c for c in self.final if c not in keep]:
                 del self.final[old]
         position = sum(e.frames for e in self.layout)
-        t1 = mark(device)
         if schedule is None:
-            z = self.context[:, :, start:start + size].to(device, torch.float32)
+            z = self.context[:, :, start:start + size]
+        elif self.noise is not None:
+            z = self.noise[:, :, start:start + size]
         else:
-            if self.noise is not None:
-                z = self.noise[:, :, start:start + size]
-            else:
-                z = torch.randn((batch, cfg.in_channels, size, self.height, self.width), generator=self.rng)
-            z = z.to(device, torch.float32)
-            past = self.cache.past()
+            z = torch.randn((self.batch, cfg.in_channels, size, self.height, self.width), generator=self.rng)
+        return Begun(k, start, z.to(device, torch.float32), schedule, position, recomputed, (t0, mark(device)))
+
+    def batch_key(self, begun: Begun) -> tuple | None:
+        """Chunks of equal keys can be denoised in one forward per step (None: this one cannot)."""
+        if begun.schedule is None or self.cache is None:
+            return None
+        return (tuple(begun.z.shape[1:]), self.cache.length, begun.position, tuple(begun.schedule),
+                tuple(self.text[0][0].shape[1:]), self.text[0][0].dtype)
+
+    @torch.no_grad()
+    def denoise(self, begun: Begun) -> tuple[Tensor, tuple[Mark, Mark]]:
+        """Run the chunk's step budget against this stream's own cache: final latents and (start, end) marks."""
+        start = mark(self.device)
+        z = begun.z
+        if begun.schedule is not None:
+            past, batch = self.cache.past(), self.batch
 
             def predict(z: Tensor, t: float, r: float) -> Tensor:
-                tt = torch.full((batch,), t, device=device)
-                rr = torch.full((batch,), r, device=device)
-                return self.model([Run(z, tt, rr, position)], self.text, past=past).velocities[0]
+                tt = torch.full((batch,), t, device=self.device)
+                rr = torch.full((batch,), r, device=self.device)
+                return self.model([Run(z, tt, rr, begun.position)], self.text, past=past).velocities[0]
 
-            for t, r in schedule:
+            for t, r in begun.schedule:
                 z = self.step(predict, z, t, r, self.rng)
-        t2 = mark(device)
+        return z, (start, mark(self.device))
+
+    def end_chunk(self, begun: Begun, z: Tensor, marks: tuple[Mark, Mark], batch: int = 1) -> LatentChunk:
+        """Make the denoised latents final: the chunk the caller gets, kept for the cache's next refresh."""
+        k = begun.index
         self.final[k] = z
-        self.index, self.frame = k + 1, start + size
-        return LatentChunk(k, start, z, 0 if schedule is None else len(schedule), schedule is None, (t0, t1, t2),
-                           position, recomputed)
+        self.index, self.frame = k + 1, begun.first_frame + z.shape[2]
+        steps = 0 if begun.schedule is None else len(begun.schedule)
+        return LatentChunk(k, begun.first_frame, z, steps, begun.schedule is None, (*begun.marks, *marks),
+                           begun.position, begun.recomputed, batch)
 
     # -- lifetime ----------------------------------------------------------------------------------------------------
 

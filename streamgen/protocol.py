@@ -85,6 +85,7 @@ class Limits(BaseModel):
     max_steps: PositiveInt = 16
     max_fps: float = Field(120.0, gt=0)
     max_streams: PositiveInt = 4  # concurrent streams on the server: beyond, error "busy"
+    max_batch: PositiveInt = 4  # due streams whose chunks may share the model's forwards (1: one chunk at a time)
     max_streams_per_connection: PositiveInt = 2
     max_queued_chunks: PositiveInt = 4  # per stream; a slow client skips ahead (oldest chunks dropped)
     send_timeout_s: float = Field(30.0, gt=0)  # a client that takes no data for this long is disconnected
@@ -335,6 +336,7 @@ class ChunkInfo(_ServerMessage):
     prompt_version: int  # 0 for the start prompt; each accepted `prompt` message adds one
     position: int  # rotary position of its first latent frame
     timings_ms: dict[str, float]  # switch, cache, denoise, decode, encode
+    batch: int = 1  # chunks of streams denoised in the same forwards as this one (denoise time is theirs together)
     dropped_frames: int  # frames of this stream skipped so far because the client was behind
     timestamp: float  # Unix time at which the chunk was ready
 

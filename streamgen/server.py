@@ -4,14 +4,13 @@ One process, one port: a plain GET / answers with the browser page (`static/inde
 the protocol of `streamgen.protocol`. Each room has one job, and requests flow one way:
 
 - a connection handler (event loop) parses the client's control messages, answers them, and sends media;
-- the `Scheduler` (one worker thread, the only one running the model) decides which stream makes the next chunk:
-  round-robin over the streams that are due, so every client gets its turn however many chunks another asks for;
+- the `Scheduler` (one worker thread, the only one running the model) decides which streams make the next chunks:
+  up to `Limits.max_batch` of the streams that are due, in round-robin order, so every client gets its turn however
+  many chunks another asks for; their chunks share the model's forwards where they match (same video size, context
+  and budget: `Generator.next_chunks`), each stream keeping its own KV cache;
 - an `Outbox` per stream sits between the two: at most `Limits.max_queued_chunks` chunks; when a client reads slower
   than its stream is made the oldest chunk is dropped (the client skips ahead), so memory never grows with a slow
   client. A client that takes no data at all for `Limits.send_timeout_s` is disconnected.
-
-Chunks of different streams run one forward each, not batched: every stream has its own KV cache, and the model
-has no forward over several caches at once.
 
 Access: the server listens on 127.0.0.1 unless told otherwise, and any other address needs an access token, which
 websocket clients give as `?token=` in the URL (checked in constant time before the handshake). Browsers' websocket
@@ -62,7 +61,7 @@ from streamgen.protocol import (
     pack_media,
     parse_client_message,
 )
-from streamgen.session import Session, SessionChunk
+from streamgen.session import Session, SessionChunk, next_chunks
 from streamgen.sinks import FragmentedMp4Sink, ImageEncoder
 
 log = logging.getLogger("streamgen.server")
@@ -144,28 +143,21 @@ class StreamJob:
         else:
             self._jpeg, self._mp4 = None, FragmentedMp4Sink(self._pieces.append, session.fps)
 
-    def make_chunk(self, share: float) -> None:
-        """Worker thread: make, encode and hand over the next chunk; end the stream when it is complete."""
-        with self._lock:
-            if self._closed:
-                return
-            controller = self.session.deadline_controller
-            if controller is not None:
-                controller.share = share
-            chunk = self.session.next_chunk()
-            if chunk is None:
-                return
-            t0 = time.perf_counter()
-            header, payloads = self._encode(chunk)
-            encode_s = time.perf_counter() - t0
-            if controller is not None:
-                controller.add_overhead(len(chunk.frames), encode_s)
-            self.chunks, self.frames = self.chunks + 1, self.frames + len(chunk.frames)
-            if self.request.realtime:  # stay about one chunk ahead of playback, never bank time while behind
-                play = len(chunk.frames) / self.session.fps
-                self.due = max(self.due, time.monotonic() - play) + play
-            ready = ReadyChunk(chunk, payloads, encode_s, time.time())
-        self._deliver(header, ready)
+    def hand_over(self, chunk: SessionChunk | None) -> None:
+        """Worker thread, holding `_lock`: encode and hand over a chunk the session made."""
+        if chunk is None:
+            return
+        controller = self.session.deadline_controller
+        t0 = time.perf_counter()
+        header, payloads = self._encode(chunk)
+        encode_s = time.perf_counter() - t0
+        if controller is not None:
+            controller.add_overhead(len(chunk.frames), encode_s)
+        self.chunks, self.frames = self.chunks + 1, self.frames + len(chunk.frames)
+        if self.request.realtime:  # stay about one chunk ahead of playback, never bank time while behind
+            play = len(chunk.frames) / self.session.fps
+            self.due = max(self.due, time.monotonic() - play) + play
+        self._deliver(header, ReadyChunk(chunk, payloads, encode_s, time.time()))
 
     def _encode(self, chunk: SessionChunk) -> tuple[list[str | bytes], list[tuple[PayloadKind, int, bytes]]]:
         if self._jpeg is not None:
@@ -209,11 +201,37 @@ class StreamJob:
                 self._mp4.abort()
 
 
-class Scheduler:
-    """The worker thread that owns the model: one chunk at a time, streams in turn, at most `max_streams`."""
+def make_chunks(jobs: list[StreamJob], share: float) -> list[Exception | None]:
+    """Worker thread: the next chunk of each job, made together (`streamgen.session.next_chunks`), encoded and
+    handed over; per job the error that ended its chunk, if any. Closed jobs are skipped."""
+    with contextlib.ExitStack() as held:
+        for job in sorted(jobs, key=lambda j: j.id):  # one lock order
+            held.enter_context(job._lock)
+        live = [job for job in jobs if not job._closed]
+        for job in live:
+            if job.session.deadline_controller is not None:
+                job.session.deadline_controller.share = share
+        made = dict(zip(map(id, live), next_chunks([job.session for job in live])))
+        errors: list[Exception | None] = []
+        for job in jobs:
+            chunk = made.get(id(job))
+            if isinstance(chunk, Exception):
+                errors.append(chunk)
+                continue
+            try:
+                job.hand_over(chunk)
+                errors.append(None)
+            except Exception as e:
+                errors.append(e)
+        return errors
 
-    def __init__(self, max_streams: int):
-        self.max_streams = max_streams
+
+class Scheduler:
+    """The worker thread that owns the model: streams in turn, at most `max_streams`; up to `max_batch` due streams
+    make their next chunks together (sharing the model's forwards where their chunks match)."""
+
+    def __init__(self, max_streams: int, max_batch: int = 1):
+        self.max_streams, self.max_batch = max_streams, max_batch
         self._jobs: deque[StreamJob] = deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -250,41 +268,48 @@ class Scheduler:
             self._cond.notify()
         self._thread.join()
 
-    def _pick(self) -> tuple[StreamJob | None, float | None]:
-        """The first due stream in round-robin order (moved to the back), else how long until one is due."""
-        now, wait = time.monotonic(), None
-        for i, job in enumerate(self._jobs):
+    def _pick(self) -> tuple[list[StreamJob], float | None]:
+        """Up to `max_batch` due streams, the first ones in round-robin order (moved to the back), else how long
+        until one is due."""
+        now, wait, due = time.monotonic(), None, []
+        for job in self._jobs:
             if job.paused:
                 continue
             if job.due <= now:
-                del self._jobs[i]
-                self._jobs.append(job)
-                return job, None
-            wait = job.due - now if wait is None else min(wait, job.due - now)
-        return None, wait
+                due.append(job)
+                if len(due) == self.max_batch:
+                    break
+            else:
+                wait = job.due - now if wait is None else min(wait, job.due - now)
+        for job in due:
+            self._jobs.remove(job)
+            self._jobs.append(job)
+        return due, None if due else wait
 
     def _work(self) -> None:
         while True:
             with self._cond:
                 while not self._stopping:
-                    job, wait = self._pick()
-                    if job is not None:
+                    jobs, wait = self._pick()
+                    if jobs:
                         break
                     self._cond.wait(wait)
                 if self._stopping:
                     return
-                share = 1 / sum(not j.paused for j in self._jobs)
+                share = len(jobs) / sum(not j.paused for j in self._jobs)
             try:
-                job.make_chunk(share)
-            except Exception as e:  # one stream's failure ends that stream, not the server: its cache is freed now
-                log.exception("stream %d failed", job.id)
-                self.remove(job)
-                job.close()
-                job.finish("error", failure_message(e, job.chunks))
-                continue
-            if job.session.done and not job.session.closed:  # complete (a closed one was stopped by its client)
-                self.remove(job)
-                job.finish("finished")
+                errors = make_chunks(jobs, share)
+            except Exception as e:  # not one stream's failure: all of this turn's streams end, the server stays up
+                errors = [e] * len(jobs)
+            for job, error in zip(jobs, errors):
+                if error is not None:  # one stream's failure ends that stream, not the server: its cache freed now
+                    log.error("stream %d failed", job.id, exc_info=error)
+                    self.remove(job)
+                    job.close()
+                    job.finish("error", failure_message(error, job.chunks))
+                elif job.session.done and not job.session.closed:  # complete (a closed one was stopped by its client)
+                    self.remove(job)
+                    job.finish("finished")
 
 
 def failure_message(e: Exception, chunk: int) -> str:
@@ -348,7 +373,7 @@ class StreamServer:
         return self._server.sockets[0].getsockname()[1]
 
     async def start(self) -> StreamServer:
-        self.scheduler = Scheduler(self.limits.max_streams)
+        self.scheduler = Scheduler(self.limits.max_streams, self.limits.max_batch)
         self._server = await serve(self._handle, self.host, self.requested_port, process_request=self._http,
                                    max_size=self.limits.transport_max_bytes, compression=None,
                                    write_limit=self.limits.send_buffer_bytes // 2)
@@ -538,7 +563,7 @@ class _Connection:
                          timings_ms={k: round(v * 1000, 3) for k, v in dict(
                              switch=c.switch_s, cache=c.cache_s, denoise=c.denoise_s, decode=c.decode_s,
                              encode=ready.encode_s).items()},
-                         dropped_frames=job.outbox.dropped_frames, timestamp=ready.timestamp)
+                         batch=c.batch, dropped_frames=job.outbox.dropped_frames, timestamp=ready.timestamp)
         last = len(ready.payloads) - 1
         return [info.to_json()] + [pack_media(kind, job.id, c.index, frame, ready.timestamp, payload, last=i == last)
                                    for i, (kind, frame, payload) in enumerate(ready.payloads)]

@@ -16,15 +16,16 @@ Frames come from the streaming VAE decoder, so a video's frames are the same how
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from streamgen.engine import EVICTION, LatentStream, now
+from streamgen.engine import EVICTION, LatentChunk, LatentStream, now
 from streamgen.pipeline import NonFiniteError, Pipeline
 
 
@@ -38,9 +39,62 @@ class SessionChunk:
     position: int  # rotary frame index of its first latent frame (bounded in endless streams)
     switch_s: float  # seconds spent applying a prompt change before it (text encoding)
     cache_s: float  # KV cache refresh (with a recache: the whole context)
-    denoise_s: float
+    denoise_s: float  # shared with the other chunks of its batch
     decode_s: float
     by_deadline: bool  # the step budget was chosen by the deadline controller
+    batch: int = 1  # chunks of streams denoised in the same forwards (`next_chunks`)
+
+
+@dataclass
+class _Turn:
+    """What a session decided before its next chunk is made."""
+
+    stream: LatentStream
+    steps: int
+    version: int
+    controller: DeadlineController | None
+    switch_s: float
+
+
+def next_chunks(sessions: Sequence[Session]) -> list[SessionChunk | Exception | None]:
+    """The next chunk of each session (None: complete or closed), made together: sessions of one pipeline whose
+    chunks match in size, context and budget share the transformer's forwards (`Generator.next_chunks`).
+
+    Each session's outcome is its own: an exception is returned in its place (the session is then as after the
+    same exception from `next_chunk`), the others are unaffected. Equal to calling `next_chunk` on each in turn, up
+    to float rounding.
+    """
+    ordered = sorted(set(sessions), key=id)  # one lock order, whoever else takes two of them
+    with contextlib.ExitStack() as held:
+        for session in ordered:
+            held.enter_context(session._run)
+        results: dict[int, SessionChunk | Exception | None] = {}
+        turns: dict[int, _Turn] = {}
+        for i, session in enumerate(sessions):
+            try:
+                turn = session._begin_turn()
+            except Exception as e:
+                results[i] = e
+                continue
+            if turn is None:
+                results[i] = None
+            else:
+                turns[i] = turn
+        by_generator: dict[int, list[int]] = {}
+        for i in turns:
+            by_generator.setdefault(id(sessions[i].pipeline.generator), []).append(i)
+        for members in by_generator.values():
+            generator = sessions[members[0]].pipeline.generator
+            made = generator.next_chunks([turns[i].stream for i in members], [turns[i].steps for i in members])
+            for i, latents in zip(members, made):
+                if isinstance(latents, Exception):
+                    results[i] = latents
+                    continue
+                try:
+                    results[i] = sessions[i]._finish_turn(turns[i], latents)
+                except Exception as e:
+                    results[i] = e
+    return [results[i] for i in range(len(sessions))]
 
 
 class DeadlineController:
@@ -169,50 +223,64 @@ class Session:
 
         NonFiniteError when the chunk's latents hold NaN or Inf (checked every chunk); the session is closed then."""
         with self._run:
-            if self.done:
+            turn = self._begin_turn()
+            if turn is None:
                 return None
-            switch_s = 0.0
-            with self._lock:
-                pending, self._pending_prompt = self._pending_prompt, None
-                if self._pending_steps is not None:
-                    self._steps, self._pending_steps = self._pending_steps, None
-                    if self.deadline_controller is not None:
-                        self.deadline_controller.max_steps = self._steps
-                version = self.prompt_version
-                controller = self.deadline_controller
-            device = self.pipeline.transformer.device
-            if self._stream is None:
-                if pending is not None:
-                    self._prompt = pending[0]
-                    pending = None
-                self._open(device)
-            elif pending is not None:
-                t0 = now(device)
+            return self._finish_turn(turn, turn.stream.next_chunk(turn.steps))
+
+    def _begin_turn(self) -> _Turn | None:
+        """Apply the pending prompt and budget changes and pick this chunk's budget (holding `_run`)."""
+        if self.done:
+            return None
+        switch_s = 0.0
+        with self._lock:
+            pending, self._pending_prompt = self._pending_prompt, None
+            if self._pending_steps is not None:
+                self._steps, self._pending_steps = self._pending_steps, None
+                if self.deadline_controller is not None:
+                    self.deadline_controller.max_steps = self._steps
+            version = self.prompt_version
+            controller = self.deadline_controller
+        device = self.pipeline.transformer.device
+        if self._stream is None:
+            if pending is not None:
                 self._prompt = pending[0]
-                self._stream.set_prompt(self.pipeline.prompt_embeds(self._prompt), recache=pending[1])
-                switch_s = now(device) - t0
-            stream = self._stream
-            size = stream.chunk_size(stream.index)
-            video_frames = 1 + 4 * (size - 1) if stream.index == 0 else 4 * size
-            steps = self._steps if controller is None else controller.choose(size, video_frames)
-            latents = stream.next_chunk(steps)
+                pending = None
+            self._open(device)
+        elif pending is not None:
             t0 = now(device)
-            try:
-                frames = self.pipeline.decode_chunk(self._decoder, latents)[0]
-            except NonFiniteError:
-                self._closed = True
-                self._release()
-                raise NonFiniteError(f"chunk {latents.index} ({steps} steps): the latents hold NaN or Inf; the video "
-                                     "was ended and its cache freed") from None
-            decode_s = now(device) - t0
-            if controller is not None and latents.steps:
-                controller.observe(size, latents.steps, latents.denoise_s, latents.context_s + decode_s + switch_s)
-            chunk = SessionChunk(latents.index, self._frame, frames, latents.steps, version, latents.position,
-                                 switch_s, latents.context_s, latents.denoise_s, decode_s, controller is not None)
-            self._frame += frames.shape[0]
-            if stream.done:
-                self._release()
-            return chunk
+            self._prompt = pending[0]
+            self._stream.set_prompt(self.pipeline.prompt_embeds(self._prompt), recache=pending[1])
+            switch_s = now(device) - t0
+        stream = self._stream
+        size = stream.chunk_size(stream.index)
+        video_frames = 1 + 4 * (size - 1) if stream.index == 0 else 4 * size
+        steps = self._steps if controller is None else controller.choose(size, video_frames)
+        return _Turn(stream, steps, version, controller, switch_s)
+
+    def _finish_turn(self, turn: _Turn, latents: LatentChunk) -> SessionChunk:
+        """Decode the chunk's latents into the session's next frames (holding `_run`)."""
+        device = self.pipeline.transformer.device
+        t0 = now(device)
+        try:
+            frames = self.pipeline.decode_chunk(self._decoder, latents)[0]
+        except NonFiniteError:
+            self._closed = True
+            self._release()
+            raise NonFiniteError(f"chunk {latents.index} ({turn.steps} steps): the latents hold NaN or Inf; the "
+                                 "video was ended and its cache freed") from None
+        decode_s = now(device) - t0
+        controller, size = turn.controller, latents.latents.shape[2]
+        if controller is not None and latents.steps:
+            controller.observe(size, latents.steps, latents.denoise_s,
+                               latents.context_s + decode_s + turn.switch_s)
+        chunk = SessionChunk(latents.index, self._frame, frames, latents.steps, turn.version, latents.position,
+                             turn.switch_s, latents.context_s, latents.denoise_s, decode_s, controller is not None,
+                             latents.batch)
+        self._frame += frames.shape[0]
+        if turn.stream.done:
+            self._release()
+        return chunk
 
     def __iter__(self) -> Iterator[SessionChunk]:
         while (chunk := self.next_chunk()) is not None:

@@ -22,7 +22,7 @@ from streamgen.vae import preset as vae_preset
 
 
 def test_tiny_experiment_runs_end_to_end(tmp_path, capsys):
-    main([str(tmp_path), "--tiny"])
+    main([str(tmp_path), "--size", "tiny"])
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["student"]) == {"1", "2"} and set(results["teacher_as_flow_map"]) == {"2"}
     for acc in [results["classifier_on_real"], *results["student"].values()]:

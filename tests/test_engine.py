@@ -113,3 +113,74 @@ def test_bad_requests_are_named(tiny_model, prompt, kwargs, message):
 def test_bad_prompt_shape(tiny_model):
     with pytest.raises(ValueError, match="prompt_embeds"):
         next(Generator(tiny_model).stream(torch.zeros(1, 8, 31), height=16, width=16))
+
+
+def one_by_one(gen, specs, chunks):
+    """Latent chunks of each (prompt, seed, steps) stream made alone: the reference for `next_chunks`."""
+    out = []
+    for prompt, seed, steps in specs:
+        with gen.open(prompt, height=16, width=16, steps=steps, seed=seed) as video:
+            out.append([video.next_chunk().latents for _ in range(chunks)])
+    return out
+
+
+def test_next_chunks_shares_forwards_where_chunks_match_and_equals_one_by_one(tiny_model, prompt):
+    """Endless streams, well past their window: equal budgets share forwards, a different budget runs alone."""
+    gen = Generator(tiny_model)
+    specs = [(prompt, 1, 2), (prompt.flip(1), 2, 2), (prompt, 3, 3)]
+    expected = one_by_one(gen, specs, 12)
+    videos = [gen.open(p, height=16, width=16, steps=steps, seed=seed) for p, seed, steps in specs]
+    batches = []
+    for k in range(12):
+        made = gen.next_chunks(videos)
+        batches.append([c.batch for c in made])
+        for i, chunk in enumerate(made):
+            assert chunk.index == k
+            torch.testing.assert_close(chunk.latents, expected[i][k], atol=1e-5, rtol=0)
+    assert batches == [[2, 2, 1]] * 12
+    for video in videos:
+        video.close()
+
+
+def test_next_chunks_of_streams_at_different_points(tiny_model, prompt):
+    """A stream started later is at another position: alone until both are endless steady state (same layout)."""
+    gen = Generator(tiny_model)
+    expected = one_by_one(gen, [(prompt, 1, 2), (prompt, 2, 2)], 14)
+    early = gen.open(prompt, height=16, width=16, steps=2, seed=1)
+    late = gen.open(prompt, height=16, width=16, steps=2, seed=2)
+    for _ in range(4):
+        early.next_chunk()
+    batches = []
+    for k in range(10):
+        a, b = gen.next_chunks([early, late], steps=[None, 2])
+        batches.append(a.batch)
+        torch.testing.assert_close(a.latents, expected[0][k + 4], atol=1e-5, rtol=0)
+        torch.testing.assert_close(b.latents, expected[1][k], atol=1e-5, rtol=0)
+    assert batches[0] == 1 and batches[-1] == 2  # joined once their contexts had the same layout
+
+
+def test_next_chunks_reports_each_streams_failure_in_its_place(tiny_model, prompt):
+    gen = Generator(tiny_model)
+    videos = [gen.open(prompt, height=16, width=16, num_frames=1, steps=1, seed=s) for s in range(3)]
+    videos[1].close()
+    made = gen.next_chunks(videos)
+    assert isinstance(made[1], RuntimeError) and "closed" in str(made[1])
+    assert made[0].batch == 2 and made[2].batch == 2
+    with pytest.raises(ValueError, match="2 step budgets for 3 streams"):
+        gen.next_chunks(videos, steps=[1, 2])
+
+
+def test_next_chunks_falls_back_to_one_by_one_when_the_shared_forward_fails(tiny_model, prompt, monkeypatch):
+    gen = Generator(tiny_model)
+    expected = one_by_one(gen, [(prompt, 1, 2), (prompt, 2, 2)], 3)
+    videos = [gen.open(prompt, height=16, width=16, steps=2, seed=s) for s in (1, 2)]
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(gen, "_denoise_together", out_of_memory)
+    for k in range(3):
+        made = gen.next_chunks(videos)
+        assert [c.batch for c in made] == [1, 1]
+        for i in range(2):
+            torch.testing.assert_close(made[i].latents, expected[i][k], atol=1e-5, rtol=0)

@@ -15,6 +15,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from streamgen import server as server_module
 from streamgen.cache import live_caches
 from streamgen.cli import main as cli_main
 from streamgen.pipeline import Pipeline
@@ -138,7 +139,8 @@ def test_start_frames_prompt_steps_deadline_pause_stop(pipe):
             await c.send(type="pause")
             await c.expect("ack", of="pause")
             job = server.jobs[stream]
-            await asyncio.sleep(0.1)  # a chunk in progress when the pause came may still finish
+            await asyncio.sleep(0.1)  # a chunk in progress when the pause came may still finish: wait for it
+            await asyncio.to_thread(lambda: (job._lock.acquire(), job._lock.release()))
             made = job.chunks
             await asyncio.sleep(0.4)
             assert job.chunks == made  # paused: nothing is generated
@@ -322,39 +324,63 @@ def test_http_page_on_the_same_port(pipe):
 
 
 class FakeJob:
-    def __init__(self, id, made):
-        self.id, self.made, self.paused, self.due = id, made, False, 0.0
+    def __init__(self, id):
+        self.id, self.paused, self.due = id, False, 0.0
         self.done = self.closed = False
         self.shares = []
-
-    def make_chunk(self, share):
-        self.made.append(self.id)
-        self.shares.append(share)
-        time.sleep(0.002)
 
     @property
     def session(self):
         return self
 
 
-def test_scheduler_is_round_robin_and_skips_paused_and_not_yet_due_streams():
+@pytest.fixture
+def turns(monkeypatch) -> list[list[int]]:
+    """The ids of the jobs the scheduler hands to `make_chunks`, turn by turn (the model is not run)."""
     made = []
+
+    def make_chunks(jobs, share):
+        made.append([job.id for job in jobs])
+        for job in jobs:
+            job.shares.append(share)
+        time.sleep(0.002)
+        return [None] * len(jobs)
+
+    monkeypatch.setattr(server_module, "make_chunks", make_chunks)
+    return made
+
+
+def test_scheduler_is_round_robin_and_skips_paused_and_not_yet_due_streams(turns):
     scheduler = Scheduler(max_streams=3)
-    jobs = [FakeJob(i, made) for i in range(4)]
+    jobs = [FakeJob(i) for i in range(4)]
     jobs[2].due = time.monotonic() + 60  # paced: not due for a minute
     for job in jobs[:3]:
         assert scheduler.add(job)
     assert not scheduler.add(jobs[3])  # max_streams
     time.sleep(0.2)
-    both = list(made)
+    both = [i for turn in turns for i in turn]
     scheduler.pause(jobs[1], True)
     time.sleep(0.05)
-    cut = len(made)
+    cut = len(turns)
     time.sleep(0.1)
     scheduler.stop()
-    assert 2 not in made and abs(both.count(0) - both.count(1)) <= 1  # fair while both ran
-    assert set(made[cut:]) == {0}  # paused: skipped
+    assert all(len(turn) == 1 for turn in turns)  # max_batch 1: one stream per turn
+    assert 2 not in both and abs(both.count(0) - both.count(1)) <= 1  # fair while both ran
+    assert {i for turn in turns[cut:] for i in turn} == {0}  # paused: skipped
     assert jobs[0].shares[0] == 1 / 3 and jobs[0].shares[-1] == 1 / 2  # a deadline's share: of the unpaused streams
+
+
+def test_scheduler_hands_due_streams_over_together_up_to_max_batch(turns):
+    scheduler = Scheduler(max_streams=5, max_batch=2)
+    jobs = [FakeJob(i) for i in range(4)]
+    jobs[3].due = time.monotonic() + 60
+    for job in jobs:
+        assert scheduler.add(job)
+    time.sleep(0.2)
+    scheduler.stop()
+    assert turns[:3] == [[0, 1], [2, 0], [1, 2]]  # two at a time, round-robin, the one not due left out
+    assert all(len(turn) == 2 for turn in turns) and 3 not in {i for turn in turns for i in turn}
+    assert jobs[0].shares[0] == 2 / 4  # two of the four unpaused streams' turns
 
 
 def test_outbox_drops_oldest_chunks_but_never_the_header():
@@ -374,3 +400,20 @@ def test_outbox_drops_oldest_chunks_but_never_the_header():
 def test_cli_serve_refuses_bad_limits(capsys):
     assert cli_main(["serve", "--limit", "max_streamz=2"]) == 2
     assert "max_streamz" in capsys.readouterr().err
+
+
+def test_streams_of_one_size_share_forwards_and_say_so(pipe):
+    """Two endless streams of one size: once their contexts match (at once, or when both passed their window) their
+    chunks are made in the same forwards, and each chunk info says with how many."""
+    async def scenario(max_batch):
+        async with served(pipe, max_batch=max_batch) as server, connect(f"ws://127.0.0.1:{server.port}/") as ws:
+            c = Client(ws)
+            await c.expect("hello")
+            for i in range(2):
+                await c.send(type="start", id=i, prompt="a red circle", steps=1, seed=i, realtime=False, **SMALL)
+            await c.expect("chunk", index=12)
+            return c.chunks
+
+    chunks = run(scenario(2))
+    assert {(info["stream"], info["batch"]) for info in chunks if info["index"] >= 8} == {(1, 2), (2, 2)}
+    assert all(info["batch"] == 1 for info in run(scenario(1)))

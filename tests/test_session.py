@@ -9,7 +9,7 @@ import pytest
 
 from streamgen.cache import live_caches
 from streamgen.pipeline import Pipeline
-from streamgen.session import DeadlineController, Session
+from streamgen.session import DeadlineController, Session, next_chunks
 
 SMALL = dict(height=32, width=32)
 
@@ -143,3 +143,25 @@ def test_bad_control_values_raise_value_error(pipe):
     with pytest.raises(ValueError, match="text or prompt embeddings"):
         session.prompt(3)
     assert session.prompt_version == 0
+
+
+def test_next_chunks_of_sessions_equal_their_chunks_one_by_one(pipe):
+    def sessions():
+        return [Session(pipe, prompt, steps=2, seed=seed, **SMALL) for prompt, seed in
+                [("a red circle", 1), ("a blue square", 2), ("a green triangle", 3)]]
+
+    alone = [[s.next_chunk() for _ in range(5)] for s in sessions()]
+    together = sessions()
+    together[2].steps(3)  # from its first chunk on: not batched with the others
+    rounds = [next_chunks(together) for _ in range(5)]
+    for k, made in enumerate(rounds):
+        assert [c.batch for c in made] == [2, 2, 1]
+        for i in (0, 1):
+            assert made[i].index == k and made[i].first_frame == alone[i][k].first_frame
+            diff = np.abs(made[i].frames.astype(int) - alone[i][k].frames.astype(int))
+            assert diff.max() <= 1  # the same frames up to rounding of the shared forward
+    together[1].close()
+    made = next_chunks(together)
+    assert made[1] is None and made[0].batch == 1 and made[2].batch == 1
+    for s in together:
+        s.close()
