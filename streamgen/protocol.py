@@ -87,6 +87,7 @@ class Limits(BaseModel):
     max_streams: PositiveInt = 4  # concurrent streams on the server: beyond, error "busy"
     max_batch: PositiveInt = 4  # due streams whose chunks may share the model's forwards (1: one chunk at a time)
     max_streams_per_connection: PositiveInt = 2
+    max_connections_per_address: PositiveInt = 8  # open websocket connections from one IP address: beyond, HTTP 429
     max_queued_chunks: PositiveInt = 4  # per stream; a slow client skips ahead (oldest chunks dropped)
     send_timeout_s: float = Field(30.0, gt=0)  # a client that takes no data for this long is disconnected
     send_buffer_bytes: PositiveInt = 64 * 1024  # per connection, socket and websocket buffers: a backlog beyond

@@ -30,7 +30,7 @@ import logging
 import socket
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -354,6 +354,7 @@ class StreamServer:
             width=s.width, height=s.height, frames=s.num_frames, fps=s.fps, description=description)).to_json()
         self.page = (resources.files("streamgen") / "static" / "index.html").read_text(encoding="utf-8")
         self.scheduler: Scheduler | None = None
+        self.connections: Counter[str] = Counter()  # open websocket connections per client IP address
         self.jobs: dict[int, StreamJob] = {}  # live streams by id, for tests and logs
         self._next_id = 1
         self._server: Server | None = None
@@ -402,7 +403,7 @@ class StreamServer:
         """Plain HTTP on the websocket port: the page at /, 404 elsewhere; upgrades go on to the handshake if the
         access checks pass."""
         if request.headers.get("Upgrade", "").lower() == "websocket":
-            refusal = self._refusal(request)
+            refusal = self._refusal(request) or self._crowded(connection)
             if refusal is None:
                 return None
             status, reason = refusal
@@ -437,15 +438,27 @@ class StreamServer:
             return http.HTTPStatus.UNAUTHORIZED, "a valid access token is required: connect with ?token=..."
         return None
 
+    def _crowded(self, connection: ServerConnection) -> tuple[http.HTTPStatus, str] | None:
+        address = connection.remote_address[0] if connection.remote_address else ""
+        if self.connections[address] >= self.limits.max_connections_per_address:
+            return (http.HTTPStatus.TOO_MANY_REQUESTS, f"{address} already has "
+                    f"{self.limits.max_connections_per_address} connections open (max_connections_per_address)")
+        return None
+
     async def _handle(self, ws: ServerConnection) -> None:
         sock = ws.transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.limits.send_buffer_bytes // 2)
+        address = ws.remote_address[0] if ws.remote_address else ""
+        self.connections[address] += 1
         connection = _Connection(self, ws)
         try:
             await connection.run()
         finally:
             await connection.release()
+            self.connections[address] -= 1
+            if not self.connections[address]:
+                del self.connections[address]
 
 
 class _Connection:

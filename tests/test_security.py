@@ -68,6 +68,29 @@ def test_token_is_required_and_checked(pipe):
     run(scenario())
 
 
+def test_connections_per_address_are_capped(pipe):
+    async def scenario():
+        async with StreamServer(pipe, port=0, limits=Limits(max_connections_per_address=2)) as server:
+            url = f"ws://127.0.0.1:{server.port}/"
+            first, second = await connect(url), await connect(url)
+            for ws in (first, second):
+                assert json.loads(await ws.recv())["type"] == "hello"
+            with pytest.raises(InvalidStatus) as refused:
+                await connect(url)
+            assert refused.value.response.status_code == 429
+            assert b"max_connections_per_address" in refused.value.response.body
+            await first.close()
+            for _ in range(100):  # the server counts the connection closed once its handler finished
+                if server.connections["127.0.0.1"] < 2:
+                    break
+                await asyncio.sleep(0.02)
+            async with connect(url) as third:
+                assert json.loads(await third.recv())["type"] == "hello"
+            await second.close()
+
+    run(scenario())
+
+
 def test_origin_and_host_checks(pipe):
     async def scenario():
         async with StreamServer(pipe, port=0) as server:
