@@ -1,11 +1,11 @@
 """Any-step evaluation of the causal students: stage 1, stage 2 and the consistency baseline (issue 7's table).
 
-    python -m distill.evaluate OUT [--stage2 DIR] [--consistency DIR] [--tiny]
+    python -m distill.evaluate OUT [--stage2 DIR] [--consistency DIR] [--prompts N] [--budgets 1 2 ...] [--drift 2 20]
 
 OUT is a `distill.experiment` output folder (its `results.json`, `stage1/model`); the stage-2 and consistency
 students default to `OUT/stage2/model` and `OUT/consistency/model` (pipeline folders written by `distill.train`);
-missing students are left out. For each student and step budget (1, 2, 4, 8, 16, 32; `--tiny`: 1, 2) on the
-experiment's held-out prompts (synthetic dataset seed 1):
+missing students are left out. For each student and step budget (default 1, 2, 4, 8, 16, 32) on the experiment's
+held-out prompts (synthetic dataset seed 1; default as many as the experiment evaluated):
 
 - caption accuracy by the experiment's classifier (retrained as the experiment trains it, kept in OUT/classifier.pt);
 - Frechet distance of the classifier's penultimate features against held-out real videos (dataset seed 2);
@@ -189,16 +189,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("out", type=Path, help="a distill.experiment output folder")
     parser.add_argument("--stage2", type=Path, help="stage-2 student (default OUT/stage2/model)")
     parser.add_argument("--consistency", type=Path, help="consistency student (default OUT/consistency/model)")
-    parser.add_argument("--tiny", action="store_true", help="CPU smoke test: budgets 1, 2; drift chunk 3 vs 2")
+    parser.add_argument("--prompts", type=int, help="held-out prompts (default: the experiment's)")
+    parser.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS))
+    parser.add_argument("--drift", type=int, nargs=2, default=list(DRIFT_CHUNKS), metavar=("EARLY", "LATE"),
+                        help="the chunks of an endless stream compared for drift")
     args = parser.parse_args(argv)
     out = args.out
     results = json.loads((out / "results.json").read_text())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    budgets, drift = ((1, 2), (2, 3)) if args.tiny else (BUDGETS, DRIFT_CHUNKS)
+    budgets, drift = tuple(args.budgets), tuple(args.drift)
     s = SIZES[results["size"]]
-    held = SyntheticVideos(s["eval_prompts"], 1, s["frames"], s["pixels"], s["pixels"])
+    prompts = args.prompts or s["eval_prompts"]
+    held = SyntheticVideos(prompts, 1, s["frames"], s["pixels"], s["pixels"])
     held_out = held.batch(list(range(len(held))))
-    ref = SyntheticVideos(s["eval_prompts"], 2, s["frames"], s["pixels"], s["pixels"])
+    ref = SyntheticVideos(prompts, 2, s["frames"], s["pixels"], s["pixels"])
     folders = {"stage-1": (out / "stage1" / "model", flow_map_step),
                "stage-2": (args.stage2 or out / "stage2" / "model", flow_map_step),
                "consistency": (args.consistency or out / "consistency" / "model", consistency_step)}

@@ -31,7 +31,7 @@ def test_tiny_evaluation_of_three_students(tmp_path, capsys):
     for name in ("stage2", "consistency"):
         shutil.copytree(tmp_path / "stage1" / "model", tmp_path / name / "model")
     (tmp_path / "results.json").write_text(json.dumps({"size": "tiny", "steps": {"classifier_steps": 1}}))
-    report = main([str(tmp_path), "--tiny"])
+    report = main([str(tmp_path), "--budgets", "1", "2", "--drift", "2", "3"])
     assert [(r["model"], r["steps"]) for r in report["rows"]] == [
         (m, s) for m in ("stage-1", "stage-2", "consistency") for s in (1, 2)]
     for r in report["rows"]:
