@@ -12,6 +12,7 @@ Everything else (CPU, fp32, dense masks) runs on SDPA.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
@@ -27,6 +28,7 @@ BACKENDS = ("flash", "triton", "sdpa")
 CUDA_DEFAULT = "sdpa"  # measured faster than the Triton kernel on the H100 (benchmarks/RESULTS.md)
 
 
+@functools.cache  # every CUDA forward asks (to key its graph): a failing import would search sys.path each time
 def _flash_attn_func():
     try:
         return importlib.import_module("flash_attn").flash_attn_func

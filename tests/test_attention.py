@@ -10,6 +10,14 @@ from streamgen import attention as attn
 from streamgen.attention import Mask, attention, select_backend
 
 
+@pytest.fixture(autouse=True)
+def fresh_import():
+    """`flash_attn` is imported once per process; each test mocks it its own way."""
+    attn._flash_attn_func.cache_clear()
+    yield
+    attn._flash_attn_func.cache_clear()
+
+
 @pytest.fixture
 def fake_flash(monkeypatch):
     calls = []
