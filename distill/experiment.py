@@ -1,7 +1,7 @@
 """The synthetic end-to-end experiment: VAE -> latent shards -> teacher -> stage-1 student -> any-step evaluation.
 
     python -m distill.experiment OUT               # one GPU, a few minutes
-    python -m distill.experiment OUT --size cpu    # 2 CPU cores, about 40 minutes: the built-in default model's run
+    python -m distill.experiment OUT --size cpu    # 2 CPU cores (its VAE is still too short a run: RESULTS.md)
     python -m distill.experiment OUT --size tiny   # CPU smoke test of the same path, seconds
 
 A caption classifier (colour / shape / motion heads) trained on the synthetic videos themselves judges whether the
@@ -42,9 +42,9 @@ SIZES = {
     "tiny": {"clips": 8, "pixels": 32, "frames": 29, "batch": 2, "vae_steps": 1, "vae_lr": 1e-3, "teacher_steps": 2,
              "stage1_steps": 2, "classifier_steps": 2, "eval_prompts": 2, "eval_steps": (1, 2), "model": "tiny",
              "vae": "tiny"},
-    # Two CPU cores. The VAE is most of the time: at 64x64 it managed 2.8 samples/s and after 700 steps of 4 clips it
-    # coded only the backgrounds (PSNR 16.1 dB, below the 18.9 dB of each clip's mean frame), so this size is 32x32,
-    # where it sees four times the clips in the same time. The transformer is 4 layers at dim 128.
+    # Two CPU cores. The VAE is most of the time. At 64x64 (2.7 samples/s, 700 steps of 4 clips) and at this 32x32
+    # (11 samples/s, 1500 steps of 8 clips) it still coded only the backgrounds: too short a run for this recipe
+    # (distill/RESULTS.md), so this size does not yet make a usable model. The transformer is 4 layers at dim 128.
     "cpu": {"clips": 1024, "pixels": 32, "frames": 29, "batch": 16, "vae_batch": 8, "vae_steps": 1500,
             "vae_lr": 1e-3, "teacher_steps": 1500, "stage1_steps": 800, "classifier_steps": 400, "eval_prompts": 48,
             "eval_steps": STEPS,

@@ -405,15 +405,20 @@ def test_cli_serve_refuses_bad_limits(capsys):
 def test_streams_of_one_size_share_forwards_and_say_so(pipe):
     """Two endless streams of one size: once their contexts match (at once, or when both passed their window) their
     chunks are made in the same forwards, and each chunk info says with how many."""
-    async def scenario(max_batch):
+    async def scenario(max_batch, chunks):
         async with served(pipe, max_batch=max_batch) as server, connect(f"ws://127.0.0.1:{server.port}/") as ws:
             c = Client(ws)
             await c.expect("hello")
             for i in range(2):
                 await c.send(type="start", id=i, prompt="a red circle", steps=1, seed=i, realtime=False, **SMALL)
-            await c.expect("chunk", index=12)
-            return c.chunks
+            shared = set()
+            while len(c.chunks) < chunks and shared != {1, 2}:
+                info = await c.expect("chunk")
+                if info["batch"] == 2:
+                    shared.add(info["stream"])
+            return shared, c.chunks
 
-    chunks = run(scenario(2))
-    assert {(info["stream"], info["batch"]) for info in chunks if info["index"] >= 8} == {(1, 2), (2, 2)}
-    assert all(info["batch"] == 1 for info in run(scenario(1)))
+    shared, _ = run(scenario(2, 60))
+    assert shared == {1, 2}  # each stream was made in a batch of two (a stream that ran ahead waits for the window)
+    shared, chunks = run(scenario(1, 24))
+    assert not shared and len(chunks) == 24 and all(info["batch"] == 1 for info in chunks)
