@@ -21,11 +21,12 @@ from streamgen.protocol import Limits
 from streamgen.server import StreamServer
 
 
-async def client(port: int, steps: int, seconds: float, started: asyncio.Barrier) -> tuple[int, int]:
-    """Frames received in the measured window, and frames the server dropped for this client."""
+async def client(port: int, steps: int, seconds: float, started: asyncio.Barrier) -> tuple[int, int, float]:
+    """Frames received in the measured window, frames the server dropped for this client, and the share of its chunks
+    whose denoising was shared with other streams."""
     async with connect(f"ws://127.0.0.1:{port}/") as ws:
         await ws.send(json.dumps({"type": "start", "prompt": "a red circle", "steps": steps, "realtime": False}))
-        frames, dropped, end = 0, 0, None
+        frames, dropped, end, chunks, shared = 0, 0, None, 0, 0
         while end is None or time.monotonic() < end:
             message = await ws.recv()
             if isinstance(message, bytes):
@@ -37,16 +38,18 @@ async def client(port: int, steps: int, seconds: float, started: asyncio.Barrier
                     end = time.monotonic() + seconds
                 elif end is not None:
                     frames, dropped = frames + info["frames"], info["dropped_frames"]
-        return frames, dropped
+                    chunks, shared = chunks + 1, shared + (info["batch"] > 1)
+        return frames, dropped, shared / max(chunks, 1)
 
 
 async def measure(pipe: Pipeline, streams: int, steps: int, seconds: float, max_batch: int) -> None:
     async with StreamServer(pipe, port=0, limits=Limits(max_streams=streams, max_batch=max_batch)) as server:
         barrier = asyncio.Barrier(streams)
         results = await asyncio.gather(*(client(server.port, steps, seconds, barrier) for _ in range(streams)))
-    per_stream = [f / seconds for f, _ in results]
+    per_stream = [f / seconds for f, _, _ in results]
     print(f"{streams} streams, max_batch {max_batch}: {sum(per_stream):6.1f} frames/s in all, per stream "
-          + ", ".join(f"{x:.1f}" for x in per_stream) + f"; dropped {sum(d for _, d in results)}")
+          + ", ".join(f"{x:.1f}" for x in per_stream) + f"; dropped {sum(d for _, d, _ in results)}; "
+          + f"chunks in shared forwards {100 * sum(s for _, _, s in results) / streams:.0f}%")
 
 
 def main() -> None:
