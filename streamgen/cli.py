@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import json
 import math
 import os
@@ -237,8 +238,25 @@ def info(args: argparse.Namespace) -> int:
     return 0
 
 
+def fix_mmap_threshold(nbytes: int = 1 << 20) -> bool:
+    """Make glibc serve every allocation of `nbytes` or more with its own mmap, returned to the system when freed.
+
+    By default glibc raises that threshold each time such a block is freed, after which the per-chunk frame and
+    activation buffers of a long-running server come from the heap, whose top cannot shrink past a block still in
+    use: measured on the 8-client loopback load (benchmarks/load_test.py), RSS swung between 400 and 470 MB and kept a
+    +61 MB step for good; with the threshold fixed it stayed within 309-316 MB. False where there is no glibc.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(-3, nbytes))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def serve(args: argparse.Namespace) -> int:
     from streamgen.server import StreamServer  # the websockets stack only for this command
+
+    fix_mmap_threshold()
 
     fields = dict(item.partition("=")[::2] for item in args.limit)
     if args.max_streams is not None:

@@ -1,4 +1,5 @@
 import json
+import platform
 import subprocess
 import sys
 
@@ -103,3 +104,9 @@ def test_nan_latents_end_the_video_and_keep_what_was_made(tmp_path, capsys, monk
             assert container.streams.video[0].frames == kept_frames
     else:
         assert "nothing was written" in err and not out.exists()
+
+
+def test_serve_fixes_the_mmap_threshold_where_glibc_is():
+    from streamgen.cli import fix_mmap_threshold
+
+    assert fix_mmap_threshold() is (platform.libc_ver()[0] == "glibc")
