@@ -214,6 +214,8 @@ class Generator:
             raise ValueError(f"got {len(steps)} step budgets for {len(streams)} streams")
         if any(s.model is not self.model for s in streams):
             raise ValueError("every stream must come from this generator")
+        if len(set(map(id, streams))) != len(streams):
+            raise ValueError("a stream makes one chunk at a time: it is listed twice")
         results: list[LatentChunk | Exception | None] = [None] * len(streams)
         begun: dict[int, Begun] = {}
         for i, (stream, budget) in enumerate(zip(streams, steps)):

@@ -64,7 +64,9 @@ def next_chunks(sessions: Sequence[Session]) -> list[SessionChunk | Exception | 
     same exception from `next_chunk`), the others are unaffected. Equal to calling `next_chunk` on each in turn, up
     to float rounding.
     """
-    ordered = sorted(set(sessions), key=id)  # one lock order, whoever else takes two of them
+    if len(set(map(id, sessions))) != len(sessions):
+        raise ValueError("a session can make one chunk at a time: it is listed twice")
+    ordered = sorted(sessions, key=id)  # one lock order, whoever else takes two of them
     with contextlib.ExitStack() as held:
         for session in ordered:
             held.enter_context(session._run)

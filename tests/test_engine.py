@@ -168,6 +168,8 @@ def test_next_chunks_reports_each_streams_failure_in_its_place(tiny_model, promp
     assert made[0].batch == 2 and made[2].batch == 2
     with pytest.raises(ValueError, match="2 step budgets for 3 streams"):
         gen.next_chunks(videos, steps=[1, 2])
+    with pytest.raises(ValueError, match="listed twice"):
+        gen.next_chunks([videos[0], videos[0]])
 
 
 def test_next_chunks_falls_back_to_one_by_one_when_the_shared_forward_fails(tiny_model, prompt, monkeypatch):

@@ -160,6 +160,8 @@ def test_next_chunks_of_sessions_equal_their_chunks_one_by_one(pipe):
             assert made[i].index == k and made[i].first_frame == alone[i][k].first_frame
             diff = np.abs(made[i].frames.astype(int) - alone[i][k].frames.astype(int))
             assert diff.max() <= 1  # the same frames up to rounding of the shared forward
+    with pytest.raises(ValueError, match="listed twice"):
+        next_chunks([together[0], together[0]])
     together[1].close()
     made = next_chunks(together)
     assert made[1] is None and made[0].batch == 1 and made[2].batch == 1
