@@ -103,6 +103,7 @@ class TrainConfig(BaseModel):
     optim: OptimConfig = OptimConfig()
     caption_dropout: float = 0.1  # teacher: keeps an unconditional prediction for guidance
     kl_weight: float = 1e-4  # vae
+    foreground_weight: float = Field(1.0, ge=1.0)  # vae: weight of the moving shape's pixels (see distill.vae_train)
     student_gate: float = 0.25  # stage1: gate_value of the student's time mix (the teacher trains with gate 0)
     stage1: Stage1Settings = Stage1Settings()  # stage1 (and stage2's co-trained stage-1 loss)
     stage2: Stage2Settings = Stage2Settings()
@@ -289,7 +290,8 @@ def _vae_task(cfg: TrainConfig, world: World) -> Task:
     loader = Loader(videos, cfg.batch_size, world.rank, world.size, cfg.seed)
 
     def loss(net, batch, step):
-        return net(batch["video"].to(world.device), step_generator(cfg.seed, step, world.rank), cfg.kl_weight)
+        return net(batch["video"].to(world.device), step_generator(cfg.seed, step, world.rank), cfg.kl_weight,
+                   cfg.foreground_weight)
 
     def export(state: dict[str, Tensor], folder: Path) -> None:
         ema = WanVAE(vae.config)

@@ -7,7 +7,6 @@ have no agreed scale, so after training the per-channel statistics are measured 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from streamgen.vae import Resample, WanVAE
@@ -25,8 +24,9 @@ class VaeObjective(nn.Module):
         super().__init__()
         self.vae = init_for_training(vae)
 
-    def forward(self, video: Tensor, gen: torch.Generator, kl_weight: float) -> tuple[Tensor, dict]:
-        return vae_loss(self.vae, video, gen, kl_weight)
+    def forward(self, video: Tensor, gen: torch.Generator, kl_weight: float, foreground_weight: float = 1.0
+                ) -> tuple[Tensor, dict]:
+        return vae_loss(self.vae, video, gen, kl_weight, foreground_weight)
 
 
 @torch.no_grad()
@@ -57,14 +57,30 @@ def init_for_training(vae: WanVAE) -> WanVAE:
     return vae
 
 
-def vae_loss(vae: WanVAE, video: Tensor, gen: torch.Generator, kl_weight: float) -> tuple[Tensor, dict]:
-    """L1 + MSE reconstruction of the video through a sampled latent, plus `kl_weight` * KL to N(0, 1)."""
+def foreground_weights(video: Tensor, foreground_weight: float) -> Tensor:
+    """Per pixel (B, 1, F, H, W): `foreground_weight` where any channel differs from the clip's median colour by more
+    than 0.1 (the moving shape), else 1; divided by the clip's mean so the loss keeps its scale.
+
+    The synthetic clips are a flat background with a shape covering a few percent of the pixels: with equal weights
+    a VAE first learns the backgrounds and then stays there for a long time (distill/RESULTS.md)."""
+    background = video.flatten(2).median(-1).values[:, :, None, None, None]
+    shape = (video - background).abs().amax(1, keepdim=True) > 0.1
+    weight = 1 + (foreground_weight - 1) * shape.to(video.dtype)
+    return weight / weight.mean(dim=(1, 2, 3, 4), keepdim=True)
+
+
+def vae_loss(vae: WanVAE, video: Tensor, gen: torch.Generator, kl_weight: float, foreground_weight: float = 1.0
+             ) -> tuple[Tensor, dict]:
+    """L1 + MSE reconstruction of the video through a sampled latent (pixels of the moving shape weighted by
+    `foreground_weight`, see `foreground_weights`), plus `kl_weight` * KL to N(0, 1)."""
     moments = vae.quant_conv(vae.encoder(video))
     mean, logvar = moments.chunk(2, dim=1)
     logvar = logvar.clamp(-30.0, 20.0)
     z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=gen).to(mean)
     recon = vae.decoder(vae.post_quant_conv(z))
-    rec = F.l1_loss(recon, video) + F.mse_loss(recon, video)
+    error = recon - video
+    rec = error.abs() + error.square()
+    rec = (rec * foreground_weights(video, foreground_weight)).mean() if foreground_weight != 1 else rec.mean()
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
     return rec + kl_weight * kl, {"reconstruction": rec.detach().item(), "kl": kl.detach().item()}
 

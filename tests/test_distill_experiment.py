@@ -15,7 +15,7 @@ from distill.experiment import (
     train_vae,
 )
 from distill.synthetic import SyntheticVideos
-from distill.vae_train import INITIAL_LOGVAR, init_for_training
+from distill.vae_train import INITIAL_LOGVAR, foreground_weights, init_for_training, vae_loss
 from streamgen.pipeline import Pipeline
 from streamgen.vae import Resample, WanVAE
 from streamgen.vae import preset as vae_preset
@@ -59,6 +59,34 @@ def test_briefly_trained_vae_codes_clips_better_than_a_constant(tmp_path):
     assert recon.std(0).mean() > 0.3 * video.std(0).mean(), "clips decode to different videos"  # 0.29 vs 0.45
     quality = reconstruction_quality(video, recon)
     assert quality["psnr_db"] == psnr(recon, video) and quality["mean_frame_psnr_db"] > psnr(constant, video)
+
+
+def test_foreground_weights_single_out_the_shape_and_keep_the_loss_scale():
+    video = torch.full((2, 3, 2, 4, 4), -0.5)
+    video[0, 0, :, 1:3, 1:3] = 0.9  # a red 2x2 square in clip 0, clip 1 flat
+    video[1, 2, 1] = -0.45  # within 0.1 of the background: not the shape
+    w = foreground_weights(video, 10.0)
+    square = torch.zeros(2, 1, 2, 4, 4, dtype=torch.bool)
+    square[0, :, :, 1:3, 1:3] = True
+    raw = torch.where(square, 10.0, 1.0)
+    expected = raw / raw.mean(dim=(1, 2, 3, 4), keepdim=True)  # clip 0: 8 of 32 pixels -> mean 3.25; clip 1: 1
+    torch.testing.assert_close(w, expected)
+    torch.testing.assert_close(w.mean(dim=(1, 2, 3, 4)), torch.ones(2))
+
+
+def test_vae_loss_with_equal_weights_is_l1_plus_mse():
+    torch.manual_seed(0)
+    vae = init_for_training(WanVAE(vae_preset("tiny")))
+    video = SyntheticVideos(2, 0, 5, 16, 16).batch([0, 1])["video"]
+    plain, _ = vae_loss(vae, video, torch.Generator().manual_seed(1), 0.0)
+    weighted, _ = vae_loss(vae, video, torch.Generator().manual_seed(1), 0.0, foreground_weight=10.0)
+    with torch.no_grad():
+        z = vae.quant_conv(vae.encoder(video)).chunk(2, dim=1)
+        noise = torch.randn(z[0].shape, generator=torch.Generator().manual_seed(1))
+        recon = vae.decoder(vae.post_quant_conv(z[0] + (0.5 * z[1].clamp(-30, 20)).exp() * noise))
+    error = recon - video
+    torch.testing.assert_close(plain, error.abs().mean() + error.square().mean())
+    torch.testing.assert_close(weighted, ((error.abs() + error.square()) * foreground_weights(video, 10.0)).mean())
 
 
 def test_a_fresh_vae_starts_with_a_narrow_posterior_and_nearest_neighbour_time_resampling():
