@@ -37,6 +37,19 @@ def flow_map_step(predict: Predict, z: Tensor, t: float, r: float, rng: torch.Ge
     return jump(z, predict(z, t, r), t, r)
 
 
+def run_schedule(model: CausalWanTransformer, step: Step, z: Tensor, schedule: Schedule, text: list, past: Past,
+                 position: int, rng: torch.Generator | None) -> Tensor:
+    """Take a chunk's latents `z` (rows of one or several streams) through `schedule` against the cached `past`."""
+    def predict(z: Tensor, t: float, r: float) -> Tensor:
+        tt = torch.full((z.shape[0],), t, device=z.device)
+        rr = torch.full((z.shape[0],), r, device=z.device)
+        return model([Run(z, tt, rr, position)], text, past=past).velocities[0]
+
+    for t, r in schedule:
+        z = step(predict, z, t, r, rng)
+    return z
+
+
 @dataclass
 class LatentChunk:
     index: int  # chunk index in the video
@@ -264,16 +277,8 @@ class Generator:
                 row += s.batch
             text = [tuple(torch.cat([s.text[layer][j] for s in streams]) for j in range(2))
                     for layer in range(len(first.text))]
-            past = Past(batch_keys, batch_values, n)
-            position = begun[0].position
-
-            def predict(z: Tensor, t: float, r: float) -> Tensor:
-                tt = torch.full((z.shape[0],), t, device=z.device)
-                rr = torch.full((z.shape[0],), r, device=z.device)
-                return self.model([Run(z, tt, rr, position)], text, past=past).velocities[0]
-
-            for t, r in begun[0].schedule:
-                z = self.step(predict, z, t, r, None)
+            z = run_schedule(self.model, self.step, z, begun[0].schedule, text, Past(batch_keys, batch_values, n),
+                             begun[0].position, None)
             return list(z.split(rows))
         finally:
             self.buffers.give(batch_keys)
@@ -479,7 +484,7 @@ class LatentStream:
 
     def batch_key(self, begun: Begun) -> tuple | None:
         """Chunks of equal keys can be denoised in one forward per step (None: this one cannot)."""
-        if begun.schedule is None or self.cache is None:
+        if begun.schedule is None:
             return None
         return (tuple(begun.z.shape[1:]), self.cache.length, begun.position, tuple(begun.schedule),
                 tuple(self.text[0][0].shape[1:]), self.text[0][0].dtype)
@@ -490,15 +495,8 @@ class LatentStream:
         start = mark(self.device)
         z = begun.z
         if begun.schedule is not None:
-            past, batch = self.cache.past(), self.batch
-
-            def predict(z: Tensor, t: float, r: float) -> Tensor:
-                tt = torch.full((batch,), t, device=self.device)
-                rr = torch.full((batch,), r, device=self.device)
-                return self.model([Run(z, tt, rr, begun.position)], self.text, past=past).velocities[0]
-
-            for t, r in begun.schedule:
-                z = self.step(predict, z, t, r, self.rng)
+            z = run_schedule(self.model, self.step, z, begun.schedule, self.text, self.cache.past(), begun.position,
+                             self.rng)
         return z, (start, mark(self.device))
 
     def end_chunk(self, begun: Begun, z: Tensor, marks: tuple[Mark, Mark], batch: int = 1) -> LatentChunk:

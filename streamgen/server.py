@@ -323,6 +323,11 @@ def failure_message(e: Exception, chunk: int) -> str:
 MIN_TOKEN_CHARS = 16
 
 
+def client_address(connection: ServerConnection) -> str:
+    """The peer's IP address ("" where the transport has none), the key of the per-address connection count."""
+    return connection.remote_address[0] if connection.remote_address else ""
+
+
 def is_loopback(host: str) -> bool:
     """Whether `host` (an address or name) is this machine only."""
     if host.lower() == "localhost":
@@ -439,7 +444,7 @@ class StreamServer:
         return None
 
     def _crowded(self, connection: ServerConnection) -> tuple[http.HTTPStatus, str] | None:
-        address = connection.remote_address[0] if connection.remote_address else ""
+        address = client_address(connection)
         if self.connections[address] >= self.limits.max_connections_per_address:
             return (http.HTTPStatus.TOO_MANY_REQUESTS, f"{address} already has "
                     f"{self.limits.max_connections_per_address} connections open (max_connections_per_address)")
@@ -449,7 +454,7 @@ class StreamServer:
         sock = ws.transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.limits.send_buffer_bytes // 2)
-        address = ws.remote_address[0] if ws.remote_address else ""
+        address = client_address(ws)
         self.connections[address] += 1
         connection = _Connection(self, ws)
         try:
