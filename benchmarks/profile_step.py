@@ -1,6 +1,9 @@
-"""Where a chunk's time goes: CUDA kernel time of one denoising step and one incremental cache refresh, by op.
+"""Where a chunk's time goes: CUDA kernel time of one denoising step and one incremental cache refresh, by op;
+or, with --vae, of the streaming VAE decode of a whole 81-frame video (the default CUDA path: fused norm kernels,
+channels-last), with cuDNN's autotuner off and on.
 
     python benchmarks/profile_step.py --size 1.3B --chunk 5   # profile chunk 5 (its context is at its largest)
+    python benchmarks/profile_step.py --vae
 """
 
 import argparse
@@ -10,8 +13,11 @@ from torch.profiler import ProfilerActivity, profile
 
 from streamgen.bench import random_pipeline
 from streamgen.cache import KVCache, context_layout
+from streamgen.config import preset
 from streamgen.engine import chunk_sizes
 from streamgen.model import Run
+from streamgen.vae import WanVAE
+from streamgen.vae import preset as vae_preset
 
 
 def timed(fn, name: str, rows: int) -> None:
@@ -29,14 +35,36 @@ def timed(fn, name: str, rows: int) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60))
 
 
+def profile_vae(device: torch.device, rows: int) -> None:
+    torch.manual_seed(0)
+    vae = WanVAE(vae_preset("wan2.1")).eval().to(device=device, dtype=torch.bfloat16)
+    vae.to_channels_last()
+    latents = torch.randn(1, 16, 21, 60, 104, device=device)
+    sizes = chunk_sizes(preset("1.3B").chunk_partition, 21)
+
+    def decode():
+        decoder, start = vae.stream_decoder(), 0
+        for n in sizes:
+            decoder.decode(latents[:, :, start:start + n])
+            start += n
+
+    for autotune in (False, True):
+        torch.backends.cudnn.benchmark = autotune
+        decode()  # the autotuner's search, when on
+        timed(decode, f"streaming decode, 81 frames, cudnn.benchmark={autotune}", rows)
+
+
 @torch.no_grad()
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--size", default="1.3B")
     p.add_argument("--chunk", type=int, default=5)
     p.add_argument("--rows", type=int, default=20)
+    p.add_argument("--vae", action="store_true", help="profile the VAE decode instead")
     args = p.parse_args()
     device = torch.device("cuda")
+    if args.vae:
+        return profile_vae(device, args.rows)
     model = random_pipeline(args.size, device, torch.bfloat16).transformer
     cfg = model.config
     sizes = chunk_sizes(cfg.chunk_partition, sum(cfg.chunk_partition))

@@ -1,6 +1,6 @@
 """The synthetic end-to-end experiment: VAE -> latent shards -> teacher -> stage-1 student -> any-step evaluation.
 
-    python -m distill.experiment OUT               # one GPU, a few minutes
+    python -m distill.experiment OUT               # one GPU, minutes (distill/h100.sh: the whole chain)
     python -m distill.experiment OUT --size cpu    # 2 CPU cores, the VAE alone 21 minutes (RESULTS.md)
     python -m distill.experiment OUT --size tiny   # CPU smoke test of the same path, seconds
 
@@ -51,14 +51,17 @@ SIZES = {
             "model": {"preset": "tiny", "num_layers": 4, "num_attention_heads": 2, "attention_head_dim": 64,
                       "ffn_dim": 512, "text_dim": 64, "freq_dim": 64},
             "vae": {"preset": "tiny", "base_dim": 8}},
-    # One H100, an estimated 4 minutes in all (teacher ~625 and stage 1 ~165 samples/s measured). The VAE is base_dim
-    # 8: in an 800-step H100 trial (9-frame clips) base_dim 16 was only 1.17x slower per step (the step is mostly
-    # overhead at 64x64) and did not reach a lower loss.
-    "gpu": {"clips": 2048, "pixels": 64, "frames": 29, "batch": 32, "vae_steps": 800, "vae_lr": 1e-3,
-            "teacher_steps": 1000, "stage1_steps": 400, "classifier_steps": 500, "eval_prompts": 96,
-            "eval_steps": STEPS,
-            "model": {"preset": "tiny", "num_layers": 6, "num_attention_heads": 4, "attention_head_dim": 64,
-                      "ffn_dim": 1024, "text_dim": 64, "freq_dim": 128},
+    # One H100 (distill/h100.sh runs this, then stage 2, consistency and the evaluation). The VAE is base_dim 8: in
+    # an 800-step H100 trial (9-frame clips) base_dim 16 was only 1.17x slower per step (the step is mostly overhead
+    # at 64x64) and did not reach a lower loss. The transformer (4 layers at dim 192, 2.8M parameters, 5.7 MB in
+    # bf16) is the size the built-in default model ships at. With 1000 teacher steps of 32 clips the teacher and
+    # its students drew blobs of the right colours that hardly moved (distill/RESULTS.md, run 2): the teacher now
+    # sees 8x the clips.
+    "gpu": {"clips": 2048, "pixels": 64, "frames": 29, "batch": 32, "vae_batch": 16, "vae_steps": 1000,
+            "vae_lr": 1e-3, "teacher_batch": 64, "teacher_steps": 4000, "teacher_lr": 4e-4, "stage1_steps": 1500,
+            "classifier_steps": 1500, "eval_prompts": 96, "eval_steps": STEPS,
+            "model": {"preset": "tiny", "num_layers": 4, "num_attention_heads": 3, "attention_head_dim": 64,
+                      "ffn_dim": 768, "text_dim": 64, "freq_dim": 128},
             "vae": {"preset": "tiny", "base_dim": 8}},
 }
 # The moving shape's pixels count this much more in the VAE's loss: on an 8-clip overfit it reached 24.5 dB after 300
@@ -173,8 +176,9 @@ def write_strip(path: Path, video: torch.Tensor) -> None:
     path.write_bytes(ImageEncoder("png").encode(grid))
 
 
-def run(out: Path, size: str, scale: float = 1.0) -> dict:
-    """`scale` multiplies every training run's step count (a shorter run when device time is short)."""
+def run(out: Path, size: str, scale: float = 1.0, vae_from: Path | None = None) -> dict:
+    """`scale` multiplies every training run's step count (a shorter run when device time is short); `vae_from`, a
+    folder holding a trained `vae/` (an earlier run's VAE or any of its pipelines), replaces the VAE stage."""
     s = dict(SIZES[size])
     for key in ("vae_steps", "teacher_steps", "stage1_steps", "classifier_steps"):
         s[key] = max(1, round(s[key] * scale))
@@ -186,7 +190,10 @@ def run(out: Path, size: str, scale: float = 1.0) -> dict:
     videos = SyntheticVideos(s["clips"], 0, s["frames"], s["pixels"], s["pixels"])
     common = {"batch_size": s["batch"], "log_every": max(1, s["teacher_steps"] // 50), "save_every": 10**9}
 
-    vae_dir = train_vae(out, s)
+    if vae_from is None:
+        vae_dir = train_vae(out, s)
+    else:
+        vae_dir, s["vae_steps"] = vae_from, 0
     timings["vae_s"] = time.perf_counter() - t0
     vae = WanVAE.from_pretrained(vae_dir, device=device)
     model_text_dim = s["model"]["text_dim"] if isinstance(s["model"], dict) else 32
@@ -197,8 +204,9 @@ def run(out: Path, size: str, scale: float = 1.0) -> dict:
     t1 = time.perf_counter()
     teacher = train(TrainConfig(task="teacher", output_dir=str(out / "teacher"), steps=s["teacher_steps"],
                                 model=s["model"], data=str(out / "data"), vae=str(vae_dir),
-                                optim={"lr": 3e-4, "warmup_steps": 50,
-                                       "ema_decay": ema_decay(0.995, s["teacher_steps"])}, **common))
+                                optim={"lr": s.get("teacher_lr", 3e-4), "warmup_steps": 50,
+                                       "ema_decay": ema_decay(0.995, s["teacher_steps"])},
+                                **{**common, "batch_size": s.get("teacher_batch", s["batch"])}))
     timings["teacher_s"] = time.perf_counter() - t1
     t1 = time.perf_counter()
     student = train(TrainConfig(task="stage1", output_dir=str(out / "stage1"), steps=s["stage1_steps"],
@@ -218,8 +226,9 @@ def run(out: Path, size: str, scale: float = 1.0) -> dict:
     (samples / "captions.txt").write_text("\n".join(data["captions"][:SAMPLE_CLIPS]) + "\n")
     write_strip(samples / "real.png", data["video"])
     write_strip(samples / "vae.png", recon)
-    results = {"size": size, "scale": scale, "steps": {k: s[k] for k in ("vae_steps", "teacher_steps",
-                                                                          "stage1_steps", "classifier_steps")},
+    trained = ("vae_steps", "teacher_steps", "stage1_steps", "classifier_steps")
+    results = {"size": size, "scale": scale, "vae_from": vae_from and str(vae_from),
+               "steps": {k: s[k] for k in trained},
                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                "vae_reconstruction": reconstruction_quality(data["video"], recon),
                "classifier_on_real": accuracy(classifier, data["video"], data["labels"]),
@@ -238,7 +247,8 @@ def run(out: Path, size: str, scale: float = 1.0) -> dict:
     timings["evaluation_s"] = time.perf_counter() - t1
     timings["total_s"] = time.perf_counter() - t0
     results["timings"] = timings
-    logs = {task: read_log(out / task) for task in ("vae", "teacher", "stage1")}
+    logs = {task: read_log(out / task) for task in ("vae", "teacher", "stage1")
+            if (out / task / "log.jsonl").is_file()}  # no vae log when the VAE was reused
     results["throughput"] = {task: {k: max(r[k] for r in log) for k in ("samples_per_s", "tokens_per_s", "memory_gb")}
                              for task, log in logs.items()}
     results["final_loss"] = {task: log[-1]["loss"] for task, log in logs.items()}
@@ -298,8 +308,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", choices=list(SIZES), default="gpu",
                         help="gpu (one GPU), cpu (2 cores, the default model), tiny (CPU smoke test)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every training run's steps")
+    parser.add_argument("--vae", type=Path, help="reuse this trained VAE (a folder holding vae/), no VAE stage")
     args = parser.parse_args(argv)
-    results = run(args.out, args.size, args.scale)
+    results = run(args.out, args.size, args.scale, args.vae)
     print((args.out / "results.md").read_text())
     print(json.dumps(results["timings"]))
 

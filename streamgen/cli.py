@@ -182,7 +182,7 @@ def generate(args: argparse.Namespace) -> int:
     fps = args.fps or s.fps
     print(f"streamgen: {height}x{width}, {frames} frames, steps {args.steps}, seed {args.seed}, "
           f"{pipe.transformer.device} {str(pipe.transformer.dtype).removeprefix('torch.')}"
-          + ("" if args.model else " (built-in tiny random model)"), file=sys.stderr)
+          + ("" if args.model else " (built-in default model)"), file=sys.stderr)
 
     first_frame_at, written = None, 0
     gen_start = time.perf_counter()

@@ -76,7 +76,7 @@ def test_info(tmp_path, capsys):
     Pipeline.load(None, device="cpu").save_pretrained(tmp_path / "m")
     assert main(["info", str(tmp_path / "m")]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["transformer"]["config"]["num_layers"] == 2 and report["transformer"]["parameters"] > 0
+    assert report["transformer"]["config"]["num_layers"] == 4 and report["transformer"]["parameters"] > 0
     assert report["vae"]["config"]["z_dim"] == 16
     assert report["text_encoder"]["config"]["_class_name"] == "WordHashEncoder"
     assert report["settings"]["fps"] == 8.0

@@ -34,6 +34,14 @@ def test_tiny_experiment_runs_end_to_end(tmp_path, capsys):
     assert (tmp_path / "stage1" / "model" / "transformer" / "config.json").is_file()
     for name in ("real", "vae", "student-1", "student-2", "teacher-2"):  # strips a person can look at
         assert (tmp_path / "samples" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A second run reuses the first one's VAE instead of training one.
+    again = tmp_path / "again"
+    main([str(again), "--size", "tiny", "--vae", str(tmp_path / "stage1" / "model")])
+    results = json.loads((again / "results.json").read_text())
+    assert results["vae_from"] == str(tmp_path / "stage1" / "model") and results["steps"]["vae_steps"] == 0
+    assert not (again / "vae").exists()
+    assert set(json.loads((again / "curves.json").read_text())) == {"teacher", "stage1"}
+    assert results["vae_reconstruction"] == json.loads((tmp_path / "results.json").read_text())["vae_reconstruction"]
 
 
 def test_ema_of_a_short_run_keeps_almost_nothing_of_the_initial_weights():
@@ -107,7 +115,7 @@ def test_a_fresh_vae_starts_with_a_narrow_posterior_and_nearest_neighbour_time_r
 
 
 def test_generated_videos_come_in_the_classifiers_layout_and_range():
-    pipe = Pipeline.load(None, device="cpu")  # the built-in random tiny model, 64x64
+    pipe = Pipeline.load(None, device="cpu")  # the built-in default model, 64x64
     captions = ["a red square moving left on a black background", "a blue circle bouncing on a gray background"]
     video = generated_videos(pipe, captions, steps=1, batch=1)
     frames = pipe.generate(captions[1:], steps=1, seed=1)  # (B, F, H, W, 3) uint8; batch=1 seeds clip i with i
