@@ -62,23 +62,27 @@ def vae_decode(device: torch.device) -> dict[str, float]:
     latents = torch.randn(1, 16, 21, 60, 104, device=device)
     sizes = chunk_sizes(transformer_preset("1.3B").chunk_partition, 21)
     times, outputs = {}, {}
-    for fused in (False, True):
-        for last in (False, True):
-            vae_module.set_fused_kernels(fused)
-            vae.to_channels_last(last)
-            with torch.no_grad():
-                for _ in range(2):  # the first pass builds cuDNN plans and compiles the kernel
-                    decoder, start, frames = vae.stream_decoder(), 0, []
-                    torch.cuda.synchronize()
-                    t = time.perf_counter()
-                    for n in sizes:
-                        frames.append(decoder.decode(latents[:, :, start:start + n]))
-                        start += n
-                    torch.cuda.synchronize()
-                    name = f"{'fused' if fused else 'torch'} norm, {'channels-last' if last else 'channels-first'}"
-                    times[name] = time.perf_counter() - t
-            outputs[name] = torch.cat(frames, dim=2).float()
+    variants = [(fused, last, False) for fused in (False, True) for last in (False, True)]
+    variants += [(True, True, True), (True, False, True)]  # 3D convolutions as sums of 2D ones (vae.conv_by_frames)
+    for fused, last, frames_conv in variants:
+        vae_module.set_fused_kernels(fused)
+        vae_module.set_frame_convs(frames_conv)
+        vae.to_channels_last(last)
+        with torch.no_grad():
+            for _ in range(2):  # the first pass builds cuDNN plans and compiles the kernel
+                decoder, start, frames = vae.stream_decoder(), 0, []
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                for n in sizes:
+                    frames.append(decoder.decode(latents[:, :, start:start + n]))
+                    start += n
+                torch.cuda.synchronize()
+                name = f"{'fused' if fused else 'torch'} norm, {'channels-last' if last else 'channels-first'}"
+                name += ", frame convs" if frames_conv else ""
+                times[name] = time.perf_counter() - t
+        outputs[name] = torch.cat(frames, dim=2).float()
     vae_module.set_fused_kernels(True)
+    vae_module.set_frame_convs(False)
     vae.to_channels_last(False)
     ref = outputs["torch norm, channels-first"]
     for name, out in outputs.items():

@@ -25,6 +25,8 @@ its tail (`CausalConv3d.input_buffer`), so no [kept frames + chunk] concatenatio
 the RMS norm (+ SiLU) is one Triton kernel (`kernels/vae_ops.py`) that writes there; `set_fused_kernels(False)`
 selects the plain torch ops, which autograd and CPUs always use. Every step keeps the activations' memory format, so
 `WanVAE.to_channels_last()` runs the whole network channels-last (cuDNN's native layout) without layout changes.
+There, each causal 3D convolution runs as a sum of 2D convolutions over whole frames (`set_frame_convs`): cuDNN's 2D
+kernels beat its 3D ones on the H100.
 """
 
 from __future__ import annotations
@@ -131,6 +133,37 @@ def set_fused_kernels(enabled: bool) -> None:
     _fused_kernels = enabled
 
 
+_frame_convs = True
+
+
+def set_frame_convs(enabled: bool) -> None:
+    """On CUDA with channels-last activations, run each causal 3D convolution of time kernel kt as kt 2D
+    convolutions of whole frames, summed (`conv_by_frames`), instead of cuDNN's 3D kernels (default). On an H100 the
+    81-frame 480x832 decode took 0.922 s this way against 1.016 s (benchmarks/RESULTS.md); `False` is the plain
+    path the benchmark compares it with."""
+    global _frame_convs
+    _frame_convs = enabled
+
+
+def conv_by_frames(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   padding: tuple[int, int]) -> torch.Tensor:
+    """conv3d(x, weight, bias, stride 1, padding (0, *padding)) of x (B, C, T_in, H, W) with weight (O, C, kt, kh, kw)
+    as out[:, :, t] = sum_k conv2d(x[:, :, t + k], weight[:, :, k]): each 2D convolution covers every output frame
+    at once (frames folded into the batch; a view when B = 1 and x is channels-last). Returns (B, O, T, H', W') in
+    x's memory format."""
+    b, c, t_in, h, w = x.shape
+    kt = weight.shape[2]
+    t = t_in - kt + 1
+    fmt = torch.channels_last if _memory_format(x) == torch.channels_last_3d else torch.contiguous_format
+    frames = x.transpose(1, 2)  # (B, T_in, C, H, W)
+    out = None
+    for k in range(kt):
+        tap = weight[:, :, k].contiguous(memory_format=fmt)
+        y = F.conv2d(frames[:, k : k + t].reshape(b * t, c, h, w), tap, bias if k == 0 else None, padding=padding)
+        out = y if out is None else out.add_(y)
+    return out.reshape(b, t, *out.shape[1:]).transpose(1, 2)
+
+
 def _fused(x: torch.Tensor) -> bool:
     return _fused_kernels and x.is_cuda and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
@@ -209,6 +242,9 @@ class CausalConv3d(nn.Conv3d):
         """Convolve a filled `input_buffer`, keeping its last frames for the next chunk."""
         if cache is not None:
             cache.past[self] = buffer[:, :, -self.past_frames :].clone()  # clone: don't pin the whole chunk
+        if (_frame_convs and buffer.is_cuda and self.stride == (1, 1, 1) and self.groups == 1
+                and _memory_format(buffer) == torch.channels_last_3d):  # channels-first: 1.6 s, slower
+            return conv_by_frames(buffer, self.weight, self.bias, self.padding[1:])
         return super().forward(buffer)
 
 

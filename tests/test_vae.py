@@ -22,6 +22,7 @@ from streamgen.vae import (
     TimeCache,
     VaeConfig,
     WanVAE,
+    conv_by_frames,
     preset,
     to_uint8_frames,
 )
@@ -172,6 +173,20 @@ def test_causal_conv_cache_equals_full_padded_sequence():
     chunks = [conv(c, cache) for c in x.split([1, 3, 1, 4], dim=2)]
     torch.testing.assert_close(torch.cat(chunks, 2), full, rtol=0, atol=1e-12)
     torch.testing.assert_close(conv(x), full, rtol=0, atol=1e-12)  # no cache: the video start
+
+
+@pytest.mark.parametrize("kernel, padding", [((3, 3, 3), (1, 1)), ((3, 1, 1), (0, 0)), ((2, 3, 3), (1, 1))])
+@pytest.mark.parametrize("batch, channels_last", [(1, True), (2, True), (2, False)])
+def test_conv_by_frames_equals_conv3d_float64(kernel, padding, batch, channels_last):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 6, 7, 5, 9, generator=g, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    weight = torch.randn(4, 6, *kernel, generator=g, dtype=torch.float64)
+    bias = torch.randn(4, generator=g, dtype=torch.float64)
+    out = conv_by_frames(x, weight, bias, padding)
+    torch.testing.assert_close(out, F.conv3d(x, weight, bias, padding=(0, *padding)), rtol=0, atol=1e-12)
+    assert out.is_contiguous(memory_format=torch.channels_last_3d) == channels_last  # the layout the next op expects
 
 
 # --- decoding ------------------------------------------------------------------------------------------------------
