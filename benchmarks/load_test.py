@@ -1,4 +1,4 @@
-"""Loopback load test: N concurrent websocket viewers against `streamgen serve` (tiny model) for a bounded time.
+"""Loopback load test: N concurrent websocket viewers against `streamgen serve` (default model) for a bounded time.
 
     python benchmarks/load_test.py --clients 8 --seconds 120 [--out benchmarks/results/load_test.json]
 

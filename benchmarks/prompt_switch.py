@@ -1,7 +1,7 @@
 """What a prompt switch costs: the chunk right after `Session.prompt(...)` against a normal chunk, without and with
 re-cache (re-encoding the cached context under the new prompt).
 
-    python benchmarks/prompt_switch.py            # built-in tiny model, CPU, 64x64
+    python benchmarks/prompt_switch.py            # built-in default model, CPU, 64x64
     python benchmarks/prompt_switch.py --model DIR --device cuda --steps 4 --at 12
 
 The switch happens after chunk `--at - 1`, so chunk `--at` is the switching chunk; by default that is past the trained
@@ -28,14 +28,15 @@ PARTS = ("switch", "cache", "denoise", "decode")
 def run_video(pipe: Pipeline, args: argparse.Namespace, seed: int, switch: str | None) -> list[dict[str, float]]:
     """Seconds per part of chunks at-2 .. at+1 of one endless video, switching before chunk `at` if asked."""
     times = []
-    with Session(pipe, "a red circle drifting over a blue sea", steps=args.steps, seed=seed,
+    with Session(pipe, "a red circle moving right on a gray background", steps=args.steps, seed=seed,
                  height=args.size, width=args.size) as session:
         for chunk in session:
             if chunk.index >= args.at - 2:
                 times.append(dict(zip(PARTS, (chunk.switch_s, chunk.cache_s, chunk.denoise_s, chunk.decode_s)),
                                   frames=len(chunk.frames)))
             if chunk.index == args.at - 1 and switch is not None:
-                session.prompt(f"a green square spinning in the snow {seed} {switch}", recache=switch == "recache")
+                new = f"a green square moving left on a black background {seed} {switch}"  # unseen: no cached text
+                session.prompt(new, recache=switch == "recache")
             if chunk.index == args.at + 1:
                 return times
     raise AssertionError("the video ended early")
@@ -43,7 +44,7 @@ def run_video(pipe: Pipeline, args: argparse.Namespace, seed: int, switch: str |
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, help="pipeline folder; default: the built-in tiny model")
+    parser.add_argument("--model", type=Path, help="pipeline folder; default: the built-in default model")
     parser.add_argument("--device")
     parser.add_argument("--dtype", choices=list(DTYPES))
     parser.add_argument("--steps", type=int, default=4)

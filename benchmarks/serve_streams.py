@@ -1,6 +1,6 @@
 """Throughput of `streamgen serve` with N concurrent clients: frames per second per stream and in all.
 
-    python benchmarks/serve_streams.py --streams 1 2 4 --max-batch 1 4   # built-in tiny model, CPU, JPEG, 64x64
+    python benchmarks/serve_streams.py --streams 1 2 4 --max-batch 1 4   # built-in default model, CPU, JPEG, 64x64
 
 Each client starts an endless stream with `realtime: false` (as fast as the model goes) and reads everything; the
 server runs in this process on a free port. Frames are counted from the chunk messages over `--seconds` after a
@@ -25,7 +25,8 @@ async def client(port: int, steps: int, seconds: float, started: asyncio.Barrier
     """Frames received in the measured window, frames the server dropped for this client, and the share of its chunks
     whose denoising was shared with other streams."""
     async with connect(f"ws://127.0.0.1:{port}/") as ws:
-        await ws.send(json.dumps({"type": "start", "prompt": "a red circle", "steps": steps, "realtime": False}))
+        await ws.send(json.dumps({"type": "start", "prompt": "a red circle moving right on a gray background",
+                                  "steps": steps, "realtime": False}))
         frames, dropped, end, chunks, shared = 0, 0, None, 0, 0
         while end is None or time.monotonic() < end:
             message = await ws.recv()
@@ -60,7 +61,7 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, nargs="+", default=[1, 4])
     args = parser.parse_args()
     pipe = Pipeline.load(None)
-    print(f"{pipe.transformer.device}, built-in tiny model, {pipe.settings.width}x{pipe.settings.height}, "
+    print(f"{pipe.transformer.device}, built-in default model, {pipe.settings.width}x{pipe.settings.height}, "
           f"steps {args.steps}, JPEG")
     for n in args.streams:
         for max_batch in args.max_batch:
