@@ -24,6 +24,7 @@ from streamgen.vae import (
     WanVAE,
     conv_by_frames,
     preset,
+    set_frame_convs,
     to_uint8_frames,
 )
 
@@ -187,6 +188,20 @@ def test_conv_by_frames_equals_conv3d_float64(kernel, padding, batch, channels_l
     out = conv_by_frames(x, weight, bias, padding)
     torch.testing.assert_close(out, F.conv3d(x, weight, bias, padding=(0, *padding)), rtol=0, atol=1e-12)
     assert out.is_contiguous(memory_format=torch.channels_last_3d) == channels_last  # the layout the next op expects
+
+
+def test_streaming_decode_with_frame_convs_equals_the_conv3d_path(vae64):
+    gen = torch.Generator().manual_seed(3)
+    latents = torch.randn(1, vae64.config.z_dim, 5, 2, 2, generator=gen, dtype=torch.float64)
+    outs = {}
+    try:
+        for enabled in (False, True):
+            set_frame_convs(enabled)
+            decoder = vae64.stream_decoder()
+            outs[enabled] = torch.cat([decoder.decode(c) for c in latents.split([1, 2, 2], dim=2)], dim=2)
+    finally:
+        set_frame_convs(True)
+    torch.testing.assert_close(outs[True], outs[False], rtol=0, atol=1e-10)
 
 
 # --- decoding ------------------------------------------------------------------------------------------------------
