@@ -81,8 +81,8 @@ def vae_decode(device: torch.device) -> dict[str, float]:
                 name += ", frame convs" if frames_conv else ""
                 times[name] = time.perf_counter() - t
         outputs[name] = torch.cat(frames, dim=2).float()
-    vae_module.set_fused_kernels(True)
-    vae_module.set_frame_convs(False)
+    vae_module.set_fused_kernels(True)  # the defaults again
+    vae_module.set_frame_convs(True)
     vae.to_channels_last(False)
     ref = outputs["torch norm, channels-first"]
     for name, out in outputs.items():
