@@ -43,10 +43,7 @@ def profile_vae(device: torch.device, rows: int) -> None:
     sizes = chunk_sizes(preset("1.3B").chunk_partition, 21)
 
     def decode():
-        decoder, start = vae.stream_decoder(), 0
-        for n in sizes:
-            decoder.decode(latents[:, :, start:start + n])
-            start += n
+        vae.decode(latents, sizes)
 
     for autotune in (False, True):
         torch.backends.cudnn.benchmark = autotune

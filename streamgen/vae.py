@@ -32,6 +32,7 @@ There, and on CPUs, each causal 3D convolution runs as a sum of 2D convolutions 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from itertools import pairwise
 from pathlib import Path
 from typing import Annotated
@@ -571,11 +572,11 @@ class WanVAE(nn.Module):
         return self.stream_encoder().encode_chunks(video, frames_per_chunk)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, latents_per_chunk: int | None = 4) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, latents_per_chunk: int | Sequence[int] | None = 4) -> torch.Tensor:
         """Normalised latents (B, z_dim, n, h, w) -> video (B, 3, 1 + 4(n - 1), 8h, 8w) float32 in [-1, 1].
 
-        Decodes `latents_per_chunk` latent frames per pass (bounded memory; None: one pass); the frames do not depend
-        on the chunking.
+        Decodes `latents_per_chunk` latent frames per pass (bounded memory; a list: each pass's size, e.g. a stream's
+        chunks; None: one pass); the frames do not depend on the chunking.
         """
         if latents_per_chunk is None:
             return self._decode_chunk(latents, None)

@@ -197,8 +197,7 @@ def test_streaming_decode_with_frame_convs_equals_the_conv3d_path(vae64):
     try:
         for enabled in (False, True):
             set_frame_convs(enabled)
-            decoder = vae64.stream_decoder()
-            outs[enabled] = torch.cat([decoder.decode(c) for c in latents.split([1, 2, 2], dim=2)], dim=2)
+            outs[enabled] = vae64.decode(latents, [1, 2, 2])
     finally:
         set_frame_convs(True)
     torch.testing.assert_close(outs[True], outs[False], rtol=0, atol=1e-10)
@@ -221,6 +220,7 @@ def test_chunked_decode_equals_whole_decode(vae, sizes):
         assert out.shape[2] == (1 + 4 * (f - 1) if i == 0 else 4 * f)
         parts.append(out)
     torch.testing.assert_close(torch.cat(parts, 2), whole, rtol=0, atol=2e-5)
+    torch.testing.assert_close(vae.decode(z, sizes), whole, rtol=0, atol=2e-5)  # the same chunks, given as sizes
 
 
 def test_decode_matches_independent_reference_float64(vae64):
