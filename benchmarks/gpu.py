@@ -3,7 +3,8 @@
     python -m benchmarks.gpu        # from the repository root on a CUDA machine; JSON and markdown go under $OUT
 
 Sections (each can be skipped): kernels (benchmarks/kernels.py), correctness of the fast path against the plain torch
-path on final latents, latency of the 1.3B stream per step budget, attention backends A/B, 14B latency, VAE decode.
+path on final latents, latency of the 1.3B stream per step budget, A/B of the fast path's parts, 14B latency, VAE decode
+(run first, in a fresh process, so its peaks are its own).
 The short table comes last.
 """
 
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from streamgen import model as model_module
+from streamgen import vae as vae_module
 from streamgen.bench import markdown, plot, random_pipeline, run_budget
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,9 +52,9 @@ def correctness(pipe, prompt, steps: int) -> dict:
             rel_l2(triton_attn, ref), "finite": bool(torch.isfinite(fast).all())}
 
 
-def vae_decode(device: torch.device) -> dict[str, float]:
-    """Whole-video streaming decode time per VAE code path (fused norm kernel, channels-last), chunked as the stream."""
-    from streamgen import vae as vae_module
+def vae_decode(device: torch.device) -> dict:
+    """Whole-video streaming decode per VAE code path, chunked as the stream: seconds, peak GiB above the weights
+    and max abs difference from the plain path (torch norm, channels-first, 3D convolutions)."""
     from streamgen.config import preset as transformer_preset
     from streamgen.engine import chunk_sizes
     from streamgen.vae import WanVAE, preset
@@ -61,31 +63,69 @@ def vae_decode(device: torch.device) -> dict[str, float]:
     vae = WanVAE(preset("wan2.1")).eval().to(device=device, dtype=torch.bfloat16)
     latents = torch.randn(1, 16, 21, 60, 104, device=device)
     sizes = chunk_sizes(transformer_preset("1.3B").chunk_partition, 21)
-    times, outputs = {}, {}
-    variants = [(fused, last, False) for fused in (False, True) for last in (False, True)]
-    variants += [(True, True, True), (True, False, True)]  # 3D convolutions as sums of 2D ones (vae.conv_by_frames)
-    for fused, last, frames_conv in variants:
+    # (fused norm, channels-last, frame convolutions, latent frames per pass); the last two are the defaults
+    variants = [(False, False, False, None), (True, True, False, None), (True, True, True, None), (True, True, True, 1)]
+    results: dict[str, dict] = {}
+    reference: list[torch.Tensor] = []  # the plain path's frames per chunk
+
+    for fused, last, frame_convs, per_pass in variants:
         vae_module.set_fused_kernels(fused)
-        vae_module.set_frame_convs(frames_conv)
+        vae_module.set_frame_convs(frame_convs)
         vae.to_channels_last(last)
+        vae.decode_pass_latents = per_pass
+        name = (f"{'fused' if fused else 'torch'} norm, {'channels-last' if last else 'channels-first'}, "
+                f"{'frame' if frame_convs else '3D'} convs")
+        name += f", {per_pass} latent frame per pass" if per_pass else ""
         with torch.no_grad():
-            for _ in range(2):  # the first pass builds cuDNN plans and compiles the kernel
+            for _ in range(2):  # the first pass builds cuDNN plans and compiles the kernels
+                diff = torch.zeros((), device=device)
                 torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
                 t = time.perf_counter()
-                video = vae.decode(latents, sizes)
+                decoder = vae.stream_decoder()
+                for i, chunk in enumerate(latents.split(sizes, dim=2)):
+                    frames = decoder.decode(chunk)
+                    if len(reference) < len(sizes):
+                        reference.append(frames)
+                    diff = torch.maximum(diff, (frames - reference[i]).abs().max())  # on the GPU: no sync
+                    del frames
                 torch.cuda.synchronize()
-                name = f"{'fused' if fused else 'torch'} norm, {'channels-last' if last else 'channels-first'}"
-                name += ", frame convs" if frames_conv else ""
-                times[name] = time.perf_counter() - t
-        outputs[name] = video
-    vae_module.set_fused_kernels(True)  # the defaults again
-    vae_module.set_frame_convs(True)
-    vae.to_channels_last(False)
-    ref = outputs["torch norm, channels-first"]
-    for name, out in outputs.items():
-        print(f"vae {name}: {times[name]:.3f}s, max abs diff vs torch channels-first {(out - ref).abs().max():.3e}",
-              flush=True)
-    return times
+                seconds = time.perf_counter() - t
+                diff = diff.item()
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30
+        results[name] = {"seconds": seconds, "peak_gib": peak, "max_abs_diff": diff}
+        print(f"vae {name}: {seconds:.3f}s, peak {peak:.2f} GiB above the weights, max abs diff vs the plain path "
+              f"{diff:.3e}", flush=True)
+
+    vae_module.set_fused_kernels(True)
+    results["upsampling layers of a 3-latent chunk"] = upsampling_ab(vae)
+    return results
+
+
+def upsampling_ab(vae) -> dict[str, float]:
+    """The decoder's three nearest-2x upsample + 3x3 conv layers at a 3-latent chunk's shapes (channels-last, bf16):
+    `vae.upsample2x_conv` against upsampling then convolving, seconds of all three, and the max abs difference."""
+    from torch.utils.benchmark import Timer
+
+    from streamgen.vae import Resample, upsample2x_conv
+
+    layers = [m for m in vae.decoder.modules() if isinstance(m, Resample) and m.mode.startswith("up")]
+    shapes = [(6, 60, 104), (12, 120, 208), (12, 240, 416)]  # (frames, height, width) entering each layer
+    inputs = [torch.randn(f, m.resample[1].in_channels, h, w, device=vae.device, dtype=vae.dtype).contiguous(
+        memory_format=torch.channels_last) for m, (f, h, w) in zip(layers, shapes)]
+    out = {}
+    with torch.no_grad():
+        pairs = list(zip(layers, inputs))
+        for name, fn in (("upsample then conv", lambda: [m.resample(x) for m, x in pairs]),
+                         ("upsample2x_conv", lambda: [upsample2x_conv(x, m.resample[1]) for m, x in pairs])):
+            sync = torch.cuda.synchronize if vae.device.type == "cuda" else lambda: None
+            out[name] = Timer("fn(); sync()", globals={"fn": fn, "sync": sync}).blocked_autorange(
+                min_run_time=1.0).median
+        diff = max((upsample2x_conv(x, m.resample[1]) - m.resample(x)).abs().max().item() for m, x in pairs)
+    out["max_abs_diff"] = diff
+    print(f"vae upsampling layers: {out}", flush=True)
+    return out
 
 
 def main() -> None:
@@ -110,6 +150,14 @@ def main() -> None:
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels.py")], check=False)
         print(f"[kernels section {time.perf_counter() - t:.0f}s]", flush=True)
 
+    if "vae" not in args.skip:
+        report["vae_decode"] = vae_decode(device)
+        torch.cuda.empty_cache()
+        paths = {k: v for k, v in report["vae_decode"].items() if "seconds" in v}
+        summary.append("VAE streaming decode of 81 frames (480x832, bf16), chunked like the stream (s / peak GiB): "
+                       + "; ".join(f"{k} {v['seconds']:.3f} / {v['peak_gib']:.2f}" for k, v in paths.items())
+                       + f"; upsampling layers: {report['vae_decode']['upsampling layers of a 3-latent chunk']}")
+
     pipe = random_pipeline("1.3B", device, torch.bfloat16)
     prompt = torch.randn(1, 512, 4096, device=device, dtype=torch.bfloat16)
 
@@ -120,8 +168,11 @@ def main() -> None:
         summary.append(f"fast path vs torch path, 4 steps, final latents: rel L2 {c['rel_l2_fast_vs_torch']:.2e} "
                        f"(Triton attention: {c['rel_l2_triton_attention_vs_torch']:.2e}; target < 2e-2)")
 
-    # warm-up after the correctness runs (their other kernel choices capture graphs of their own, which may push
-    # the default path's out of the runner's LRU): autotuning, cuDNN plans, CUDA graphs
+    # The correctness runs' other kernel choices captured graphs of their own: dropped, so they neither hold memory
+    # in the peaks below nor push the default path's graphs out of the runner's LRU. Then a warm-up: autotuning,
+    # cuDNN plans, CUDA graphs.
+    pipe.transformer.cuda_graphs.clear()
+    torch.cuda.empty_cache()
     run_budget(pipe, 1, prompt, 480, 832, 81)
     if "latency" not in args.skip:
         results = []
@@ -153,10 +204,16 @@ def main() -> None:
         r = run_budget(pipe, 4, prompt, 480, 832, 81)
         pipe.transformer.cuda_graphs.enabled = True
         ab["no CUDA graphs"] = {"fps": r.fps, "fps_latents": r.fps_latents, "first_frame_s": r.first_frame_s}
+        pipe.vae.decode_pass_latents = 1  # the memory-bounded decode
+        r = run_budget(pipe, 4, prompt, 480, 832, 81)
+        pipe.vae.decode_pass_latents = None
+        ab["decode 1 latent frame per pass"] = {"fps": r.fps, "fps_latents": r.fps_latents,
+                                                "first_frame_s": r.first_frame_s, "peak_gib": r.peak_gib}
         report["ab_4_steps"] = ab
         print("A/B 4 steps:", ab, flush=True)
         summary.append("A/B at 4 steps (fps end to end / latents only): " + ", ".join(
-            f"{k} {v['fps']:.1f}/{v['fps_latents']:.1f}" for k, v in ab.items()))
+            f"{k} {v['fps']:.1f}/{v['fps_latents']:.1f}" for k, v in ab.items())
+            + f"; peak with 1 latent frame per decode pass {ab['decode 1 latent frame per pass']['peak_gib']:.1f} GiB")
 
     del pipe
     torch.cuda.empty_cache()
@@ -173,11 +230,6 @@ def main() -> None:
         summary.append(table)
         del pipe
         torch.cuda.empty_cache()
-
-    if "vae" not in args.skip:
-        report["vae_decode"] = vae_decode(device)
-        summary.append("VAE streaming decode of 81 frames (480x832, bf16), chunked like the stream: " + ", ".join(
-            f"{k} {v:.3f}s" for k, v in report["vae_decode"].items()))
 
     (out / "gpu.json").write_text(json.dumps(report, indent=2, default=str))
     print("\n" + "\n\n".join(summary))

@@ -1,12 +1,15 @@
 """Where a chunk's time goes: CUDA kernel time of one denoising step and one incremental cache refresh, by op;
 or, with --vae, of the streaming VAE decode of a whole 81-frame video (the default CUDA path: fused norm kernels,
-channels-last), with cuDNN's autotuner off and on.
+channels-last), with cuDNN's autotuner off and on; or, with --memory, what is allocated at the peak of a whole
+480x832 stream (latents only, then with decode), grouped by the line of streamgen that allocated it.
 
-    python benchmarks/profile_step.py --size 1.3B --chunk 5   # profile chunk 5 (its context is at its largest)
-    python benchmarks/profile_step.py --vae
+    python -m benchmarks.profile_step --size 1.3B --chunk 5   # profile chunk 5 (its context is at its largest)
+    python -m benchmarks.profile_step --vae
+    python -m benchmarks.profile_step --memory --steps 4
 """
 
 import argparse
+from collections import Counter
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -51,6 +54,63 @@ def profile_vae(device: torch.device, rows: int) -> None:
         timed(decode, f"streaming decode, 81 frames, cudnn.benchmark={autotune}", rows)
 
 
+def live_at_peak(trace: list[dict], start: int) -> tuple[int, list[dict]]:
+    """Replay an allocator trace (torch.cuda.memory._snapshot()["device_traces"][0]): the peak of live bytes from
+    event `start` on, and the blocks live then (including those allocated before `start`)."""
+    live: dict[int, dict] = {}
+    total = peak = 0
+    at_peak: list[dict] = []
+    for i, event in enumerate(trace):
+        if event["action"] == "alloc":
+            live[event["addr"]] = event
+            total += event["size"]
+            if i >= start and total > peak:
+                peak, at_peak = total, list(live.values())
+        elif event["action"] == "free_requested" and event["addr"] in live:
+            total -= live.pop(event["addr"])["size"]
+    return peak, at_peak
+
+
+def call_site(event: dict) -> str:
+    """The innermost frame in streamgen/ or kernels/ of an allocation (else its innermost Python frame)."""
+    frames = [f for f in event.get("frames", []) if f["filename"].endswith(".py")]
+    ours = [f for f in frames if "/streamgen/" in f["filename"] or "/kernels/" in f["filename"]]
+    f = (ours or frames or [{"filename": "?", "line": 0, "name": "?"}])[0]
+    return f"{'/'.join(f['filename'].rsplit('/', 2)[-2:])}:{f['line']} {f['name']}"
+
+
+def profile_memory(size: str, steps: int, rows: int) -> None:
+    """Live memory at the peak of a 480x832, 81-frame stream, latents only and then with decode, after a warm-up
+    stream, by the call site that allocated each block (weights and cache buffers included)."""
+    device = torch.device("cuda")
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000)
+    pipe = random_pipeline(size, device, torch.bfloat16)
+    prompt = torch.randn(1, 512, pipe.transformer.config.text_dim, device=device, dtype=torch.bfloat16)
+    frames, h, w = pipe.latent_size(480, 832, 81)
+    for _ in pipe.stream(prompt, height=480, width=832, num_frames=81, steps=steps, seed=0):
+        pass  # warm-up: graphs, plans, autotuning
+    runs = {"latents only": lambda: pipe.generator.stream(prompt, height=h, width=w, num_frames=frames, steps=steps,
+                                                          seed=0),
+            "with decode": lambda: pipe.stream(prompt, height=480, width=832, num_frames=81, steps=steps, seed=0)}
+    for name, run in runs.items():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        start = len(torch.cuda.memory._snapshot()["device_traces"][0])
+        for _ in run():
+            pass
+        torch.cuda.synchronize()
+        trace = torch.cuda.memory._snapshot()["device_traces"][0]
+        peak, blocks = live_at_peak(trace, start)
+        by_site = Counter()
+        for b in blocks:
+            by_site[call_site(b)] += b["size"]
+        print(f"== {name}, {steps} steps: max_memory_allocated {torch.cuda.max_memory_allocated(device) / 2**30:.2f} "
+              f"GiB, trace peak {peak / 2**30:.2f} GiB ({len(trace)} events), live then by call site:")
+        for site, n in by_site.most_common(rows):
+            print(f"  {n / 2**30:7.3f} GiB  {site}")
+    torch.cuda.memory._record_memory_history(enabled=None)
+
+
 @torch.no_grad()
 def main() -> None:
     p = argparse.ArgumentParser()
@@ -58,10 +118,14 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=5)
     p.add_argument("--rows", type=int, default=20)
     p.add_argument("--vae", action="store_true", help="profile the VAE decode instead")
+    p.add_argument("--memory", action="store_true", help="what is live at a whole stream's memory peak instead")
+    p.add_argument("--steps", type=int, default=4, help="step budget of the --memory stream")
     args = p.parse_args()
     device = torch.device("cuda")
     if args.vae:
         return profile_vae(device, args.rows)
+    if args.memory:
+        return profile_memory(args.size, args.steps, args.rows)
     model = random_pipeline(args.size, device, torch.bfloat16).transformer
     cfg = model.config
     sizes = chunk_sizes(cfg.chunk_partition, sum(cfg.chunk_partition))

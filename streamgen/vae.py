@@ -21,7 +21,7 @@ keeps, per layer, the last input frames it still needs (`TimeCache`) and runs ea
 
 Memory traffic, not arithmetic, is most of what is left to save around the convs. A causal conv's input is built in
 one buffer: the kept frames (or zeros) are copied to its head and the layer before it writes the chunk straight into
-its tail (`CausalConv3d.input_buffer`), so no [kept frames + chunk] concatenation is made. On CUDA without autograd
+its tail (`CausalConv3d.convolve`), so no [kept frames + chunk] concatenation is made. On CUDA without autograd
 the RMS norm (+ SiLU) is one Triton kernel (`kernels/vae_ops.py`) that writes there; `set_fused_kernels(False)`
 selects the plain torch ops, which autograd and CPUs always use. Every step keeps the activations' memory format, so
 `WanVAE.to_channels_last()` runs the whole network channels-last (cuDNN's native layout) without layout changes.
@@ -32,7 +32,7 @@ There, and on CPUs, each causal 3D convolution runs as a sum of 2D convolutions 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import pairwise
 from pathlib import Path
 from typing import Annotated
@@ -140,9 +140,10 @@ _frame_convs = True
 def set_frame_convs(enabled: bool) -> None:
     """Run each causal 3D convolution of time kernel kt as kt 2D convolutions of whole frames, summed
     (`conv_by_frames`), instead of a 3D convolution: on CPUs, and on CUDA with channels-last activations (default).
-    Measured: on an H100 the 81-frame 480x832 decode took 0.922 s this way against 1.016 s (benchmarks/RESULTS.md);
-    on a 2-core CPU the built-in model's 29-frame video took 0.303 s instead of 0.434 s to generate and decode, the
-    Wan2.1 VAE's 128x128 decode 16.9 s instead of 14.9 s (no one decodes that on a CPU). `False` is the plain path."""
+    Measured (benchmarks/RESULTS.md): on an H100 the 81-frame 480x832 decode took 0.929 s this way against 1.021 s;
+    on a 2-core CPU the built-in model's 29-frame decode 0.16 s instead of 0.29 s. Folding the kt taps into the
+    input channels instead (one 2D convolution, each frame written kt times, no sums) measured no faster on the
+    H100 (0.933 s) and slower on the CPU, so it is not kept. `False` is the plain path."""
     global _frame_convs
     _frame_convs = enabled
 
@@ -220,33 +221,30 @@ class CausalConv3d(nn.Conv3d):
         self.past_frames = 2 * pad_t
 
     def forward(self, x: torch.Tensor, cache: TimeCache | None = None) -> torch.Tensor:
-        if not self.past_frames:
-            return super().forward(x)
-        buffer, chunk = self.input_buffer(x, cache)
-        chunk.copy_(x)
-        return self.forward_buffer(buffer, cache)
+        if not self.past_frames:  # CPU 3D convs return channels-first whatever x is: keep x's format
+            return super().forward(x).contiguous(memory_format=_memory_format(x))
+        return self.convolve(x, lambda out: out.copy_(x), cache)
 
-    def input_buffer(self, x: torch.Tensor, cache: TimeCache | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The conv's input for chunk-shaped x (B, C, T, H, W): a (B, C, past + T, H, W) buffer in x's memory format
-        whose first frames hold the kept past (zeros at the video start), and the view of its last T frames, which
-        the caller fills with the chunk (directly, so no concatenation is made) before `forward_buffer`."""
+    def convolve(self, x: torch.Tensor, fill: Callable[[torch.Tensor], object],
+                 cache: TimeCache | None) -> torch.Tensor:
+        """This conv of a chunk shaped like x (B, C, T, H, W) that `fill(out)` writes: `out` (x's shape) is the tail
+        of the conv's input buffer, after the kept frames of the previous chunk (zeros at the video start), so the
+        chunk (x itself, or the norm before the conv) is written once, straight where the conv reads it and no
+        [kept frames + chunk] concatenation is made. Keeps the buffer's last frames in `cache` for the next chunk."""
         b, c, t, h, w = x.shape
         p = self.past_frames
         buffer = torch.empty((b, c, p + t, h, w), dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
         past = cache.past.get(self) if cache is not None else None
         if past is None:
-            buffer[:, :, :p].zero_()
+            buffer[:, :, :p].zero_()  # the video start
         else:
             buffer[:, :, :p].copy_(past)
-        return buffer, buffer[:, :, p:]
-
-    def forward_buffer(self, buffer: torch.Tensor, cache: TimeCache | None) -> torch.Tensor:
-        """Convolve a filled `input_buffer`, keeping its last frames for the next chunk."""
+        fill(buffer[:, :, p:])
         if cache is not None:
-            cache.past[self] = buffer[:, :, -self.past_frames :].clone()  # clone: don't pin the whole chunk
-        if _frame_convs and self.stride == (1, 1, 1) and self.groups == 1 and (
-                not buffer.is_cuda or _memory_format(buffer) == torch.channels_last_3d):  # CUDA channels-first: slower
-            return conv_by_frames(buffer, self.weight, self.bias, self.padding[1:])
+            cache.past[self] = buffer[:, :, -p:].clone()  # clone: don't pin the whole chunk
+        by_frames = self.stride == (1, 1, 1) and self.groups == 1
+        if _frame_convs and by_frames and (not x.is_cuda or _memory_format(x) == torch.channels_last_3d):
+            return conv_by_frames(buffer, self.weight, self.bias, self.padding[1:])  # CUDA channels-first: slower
         return super().forward(buffer)
 
 
@@ -271,10 +269,8 @@ class RMSNorm(nn.Module):
 
 
 def _norm_silu_conv(norm: RMSNorm, conv: CausalConv3d, x: torch.Tensor, cache: TimeCache | None) -> torch.Tensor:
-    """conv(silu(norm(x))), the norm writing its output straight into the conv's input buffer."""
-    buffer, chunk = conv.input_buffer(x, cache)
-    norm(x, silu=True, out=chunk)
-    return conv.forward_buffer(buffer, cache)
+    """conv(silu(norm(x))), the norm writing its output straight into the conv's input."""
+    return conv.convolve(x, lambda out: norm(x, silu=True, out=out), cache)
 
 
 class ResidualBlock(nn.Module):
@@ -294,7 +290,7 @@ class ResidualBlock(nn.Module):
             x = self.conv2(self.dropout(self.norm2(x, silu=True)), cache)
         else:
             x = _norm_silu_conv(self.norm2, self.conv2, x, cache)
-        return x + h
+        return x.add_(h)  # x is the conv's fresh output: no third activation-sized tensor
 
 
 class AttentionBlock(nn.Module):
@@ -318,11 +314,31 @@ class AttentionBlock(nn.Module):
         return x + y.view(b, t, c, h, w).transpose(1, 2)
 
 
-class _NearestUp2x(nn.Module):
-    """2x nearest spatial upsampling (diffusers' nearest-exact, which is plain repetition at an integer scale)."""
+def upsample2x_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """conv(nearest 2x upsampling of x) for x (N, C, H, W) and a 3x3, padding-1 conv, without making the upsampled
+    input. Output pixel (2i + a, 2j + b) reads input rows (i - 1, i) for a = 0 and (i, i + 1) for a = 1 (columns
+    alike), so each phase (a, b) is a 2x2 convolution of x whose taps are sums of the 3x3 taps that land on one
+    input pixel: 2.25x fewer multiply-adds. The four phases come out of one convolution (4 O channels, padding 1,
+    phase (a, b) at offset (a, b) of its (H + 1, W + 1) output), and one strided copy interleaves them. Returns
+    (N, O, 2H, 2W) in x's memory format."""
+    n, _, h, w = x.shape
+    o = conv.out_channels
+    weight = conv.weight.to(torch.promote_types(conv.weight.dtype, torch.float32))  # tap sums in fp32 at least
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(x, scale_factor=2.0, mode="nearest-exact")
+    def phases(k: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        t0, t1, t2 = k.unbind(dim)
+        return torch.stack([t0, t1 + t2], dim), torch.stack([t0 + t1, t2], dim)
+
+    fmt = _memory_format(x)
+    w4 = torch.cat([kb for ka in phases(weight, 2) for kb in phases(ka, 3)]).to(x.dtype)
+    bias = None if conv.bias is None else conv.bias.repeat(4)
+    y = F.conv2d(x, w4.contiguous(memory_format=fmt), bias, padding=1)  # (N, 4 O, H + 1, W + 1)
+    sn, sc, sh, sw = y.stride()
+    # y[n, (2a + b) O + o, i + a, j + b] for (n, a, b, o, i, j): one strided view, no copy
+    split = y.as_strided((n, 2, 2, o, h, w), (sn, 2 * o * sc + sh, o * sc + sw, sc, sh, sw), y.storage_offset())
+    out = torch.empty((n, o, 2 * h, 2 * w), dtype=y.dtype, device=y.device, memory_format=fmt)
+    out.unflatten(2, (h, 2)).unflatten(4, (w, 2)).permute(0, 3, 5, 1, 2, 4).copy_(split)
+    return out
 
 
 class Resample(nn.Module):
@@ -332,7 +348,9 @@ class Resample(nn.Module):
         super().__init__()
         self.mode = mode
         if mode in ("upsample2d", "upsample3d"):
-            self.resample = nn.Sequential(_NearestUp2x(), nn.Conv2d(dim, upsample_out_dim or dim // 2, 3, padding=1))
+            # diffusers' layout (resample.1 is the conv); forward runs the pair as `upsample2x_conv`
+            up = nn.Upsample(scale_factor=2.0, mode="nearest-exact")
+            self.resample = nn.Sequential(up, nn.Conv2d(dim, upsample_out_dim or dim // 2, 3, padding=1))
             if mode == "upsample3d":
                 self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
         elif mode in ("downsample2d", "downsample3d"):
@@ -347,7 +365,8 @@ class Resample(nn.Module):
         if self.mode == "upsample3d":
             x = self._double_frames(x, cache, at_start)
         b, c, t, h, w = x.shape
-        y = self.resample(x.transpose(1, 2).reshape(b * t, c, h, w))
+        frames = x.transpose(1, 2).reshape(b * t, c, h, w)
+        y = upsample2x_conv(frames, self.resample[1]) if self.mode.startswith("up") else self.resample(frames)
         x = y.view(b, t, *y.shape[1:]).transpose(1, 2)
         if self.mode == "downsample3d":
             x = self._halve_frames(x, cache, at_start)
@@ -481,6 +500,9 @@ class WanVAE(nn.Module):
         self.post_quant_conv = CausalConv3d(z, z, 1)
         self.decoder = Decoder3d(config)
         self.memory_format = torch.contiguous_format  # of activations (and conv weights); see to_channels_last
+        # Most latent frames a streaming decoder runs through the network at once (None: a whole chunk). Activation
+        # memory grows with it: 1 bounds a 480x832 decode to one latent frame's (4 video frames') activations.
+        self.decode_pass_latents: int | None = None
         self._stats: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
@@ -656,10 +678,16 @@ class StreamingDecoder:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Next normalised latents (B, z_dim, f, h, w) -> their frames (B, 3, F_out, 8h, 8w), float32 in [-1, 1]."""
-        out = self.vae._decode_chunk(latents, self._cache)
-        self._cache.started = True
-        self.latent_frames += latents.shape[2]
-        return out
+        n = self.vae.decode_pass_latents
+        if n is not None and n < 1:
+            raise ValueError(f"decode_pass_latents must be None or >= 1, got {n}")
+        passes = [latents] if n is None or latents.ndim != 5 else latents.split(n, dim=2)
+        frames = []
+        for part in passes:
+            frames.append(self.vae._decode_chunk(part, self._cache))
+            self._cache.started = True
+            self.latent_frames += part.shape[2]
+        return frames[0] if len(frames) == 1 else torch.cat(frames, dim=2)
 
 
 def to_uint8_frames(frames: torch.Tensor) -> np.ndarray:

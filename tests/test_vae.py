@@ -22,10 +22,10 @@ from streamgen.vae import (
     TimeCache,
     VaeConfig,
     WanVAE,
-    conv_by_frames,
     preset,
     set_frame_convs,
     to_uint8_frames,
+    upsample2x_conv,
 )
 
 H = W = 16  # video size; latents are 2x2
@@ -165,42 +165,59 @@ def video(frames: int, batch: int = 1, seed: int = 2, dtype=torch.float32) -> to
 
 # --- causal conv ---------------------------------------------------------------------------------------------------
 
-def test_causal_conv_cache_equals_full_padded_sequence():
+@pytest.fixture(params=[True, False], ids=["frame-convs", "conv3d"])
+def conv_path(request):
+    set_frame_convs(request.param)
+    yield request.param
+    set_frame_convs(True)
+
+
+@pytest.mark.parametrize("kernel, padding", [((3, 3, 3), (1, 1, 1)), ((3, 1, 1), (1, 0, 0)), ((3, 3, 1), (1, 1, 0))])
+@pytest.mark.parametrize("batch, channels_last", [(1, True), (2, True), (2, False)])
+def test_causal_conv_cache_equals_full_padded_sequence(conv_path, kernel, padding, batch, channels_last):
     torch.manual_seed(0)
-    conv = CausalConv3d(3, 5, 3, padding=1).double()
-    x = torch.randn(2, 3, 9, 6, 7, dtype=torch.float64)
-    full = F.conv3d(F.pad(x, (1, 1, 1, 1, 2, 0)), conv.weight, conv.bias)
+    conv = CausalConv3d(3, 5, kernel, padding=padding).double()
+    x = torch.randn(batch, 3, 9, 6, 7, dtype=torch.float64)
+    if channels_last:  # as WanVAE.to_channels_last() lays them out
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+        conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
+    full = F.conv3d(F.pad(x, (padding[2],) * 2 + (padding[1],) * 2 + (2 * padding[0], 0)), conv.weight, conv.bias)
     cache = TimeCache()
-    chunks = [conv(c, cache) for c in x.split([1, 3, 1, 4], dim=2)]
+    chunks = [conv(c, cache) for c in x.split([1, 3, 1, 4], dim=2)]  # chunks shorter than the kept frames too
     torch.testing.assert_close(torch.cat(chunks, 2), full, rtol=0, atol=1e-12)
     torch.testing.assert_close(conv(x), full, rtol=0, atol=1e-12)  # no cache: the video start
+    if conv_path:  # frame convs keep x's layout (the CPU's float64 conv3d returns channels-first regardless)
+        assert all(c.is_contiguous(memory_format=torch.channels_last_3d) == channels_last for c in chunks)
 
 
-@pytest.mark.parametrize("kernel, padding", [((3, 3, 3), (1, 1)), ((3, 1, 1), (0, 0)), ((2, 3, 3), (1, 1))])
-@pytest.mark.parametrize("batch, channels_last", [(1, True), (2, True), (2, False)])
-def test_conv_by_frames_equals_conv3d_float64(kernel, padding, batch, channels_last):
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, 6, 7, 5, 9, generator=g, dtype=torch.float64)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last_3d)
-    weight = torch.randn(4, 6, *kernel, generator=g, dtype=torch.float64)
-    bias = torch.randn(4, generator=g, dtype=torch.float64)
-    out = conv_by_frames(x, weight, bias, padding)
-    torch.testing.assert_close(out, F.conv3d(x, weight, bias, padding=(0, *padding)), rtol=0, atol=1e-12)
-    assert out.is_contiguous(memory_format=torch.channels_last_3d) == channels_last  # the layout the next op expects
-
-
-def test_streaming_decode_with_frame_convs_equals_the_conv3d_path(vae64):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_streaming_decode_by_frames_equals_the_conv3d_path(vae64, channels_last):
     gen = torch.Generator().manual_seed(3)
     latents = torch.randn(1, vae64.config.z_dim, 5, 2, 2, generator=gen, dtype=torch.float64)
     outs = {}
     try:
+        vae64.to_channels_last(channels_last)
         for enabled in (False, True):
             set_frame_convs(enabled)
             outs[enabled] = vae64.decode(latents, [1, 2, 2])
     finally:
         set_frame_convs(True)
+        vae64.to_channels_last(False)
     torch.testing.assert_close(outs[True], outs[False], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_upsample2x_conv_equals_nearest_upsampling_then_conv_float64(channels_last, bias):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 5, 7, 4, generator=g, dtype=torch.float64)  # odd and even sides
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    conv = nn.Conv2d(5, 6, 3, padding=1, bias=bias).double()
+    out = upsample2x_conv(x, conv)
+    expected = conv(x.repeat_interleave(2, -1).repeat_interleave(2, -2))
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 # --- decoding ------------------------------------------------------------------------------------------------------
@@ -221,6 +238,29 @@ def test_chunked_decode_equals_whole_decode(vae, sizes):
         parts.append(out)
     torch.testing.assert_close(torch.cat(parts, 2), whole, rtol=0, atol=2e-5)
     torch.testing.assert_close(vae.decode(z, sizes), whole, rtol=0, atol=2e-5)  # the same chunks, given as sizes
+
+
+@pytest.mark.parametrize("pass_latents", [1, 2])
+def test_decode_in_smaller_passes_equals_whole_decode(vae, pass_latents):
+    z = latents(7)
+    whole = vae.decode(z, latents_per_chunk=None)
+    decoder = vae.stream_decoder()
+    try:
+        vae.decode_pass_latents = pass_latents
+        parts = [decoder.decode(chunk) for chunk in z.split([1, 3, 3], dim=2)]
+    finally:
+        vae.decode_pass_latents = None
+    assert decoder.latent_frames == 7
+    torch.testing.assert_close(torch.cat(parts, 2), whole, rtol=0, atol=2e-5)
+
+
+def test_decode_pass_size_must_be_positive(vae):
+    vae.decode_pass_latents = 0
+    try:
+        with pytest.raises(ValueError, match="decode_pass_latents must be None or >= 1, got 0"):
+            vae.stream_decoder().decode(latents(1))
+    finally:
+        vae.decode_pass_latents = None
 
 
 def test_decode_matches_independent_reference_float64(vae64):
