@@ -63,18 +63,23 @@ def vae_decode(device: torch.device) -> dict:
     vae = WanVAE(preset("wan2.1")).eval().to(device=device, dtype=torch.bfloat16)
     latents = torch.randn(1, 16, 21, 60, 104, device=device)
     sizes = chunk_sizes(transformer_preset("1.3B").chunk_partition, 21)
-    # (fused norm, channels-last, frame convolutions, latent frames per pass); the last two are the defaults
-    variants = [(False, False, False, None), (True, True, False, None), (True, True, True, None), (True, True, True, 1)]
+    # (fused norm, channels-last, frame convolutions, taps summed by the consumers, latent frames per pass)
+    variants = [(False, False, False, False, None), (True, True, False, False, None), (True, True, True, False, None),
+                (True, True, True, True, None), (True, True, True, True, 1)]  # the last two: the defaults
     results: dict[str, dict] = {}
     reference: list[torch.Tensor] = []  # the plain path's frames per chunk
+    by_frames = vae_module.conv_by_frames
 
-    for fused, last, frame_convs, per_pass in variants:
+    for fused, last, frame_convs, lazy_taps, per_pass in variants:
         vae_module.set_fused_kernels(fused)
         vae_module.set_frame_convs(frame_convs)
+        # taps summed in place by the convolution (the path before the consumers summed them)
+        vae_module.conv_by_frames = by_frames if lazy_taps else lambda x, w, b, p, sum_taps=True: by_frames(x, w, b, p)
         vae.to_channels_last(last)
         vae.decode_pass_latents = per_pass
         name = (f"{'fused' if fused else 'torch'} norm, {'channels-last' if last else 'channels-first'}, "
                 f"{'frame' if frame_convs else '3D'} convs")
+        name += ", taps summed by the next kernel" if lazy_taps else ""
         name += f", {per_pass} latent frame per pass" if per_pass else ""
         with torch.no_grad():
             for _ in range(2):  # the first pass builds cuDNN plans and compiles the kernels
@@ -99,6 +104,7 @@ def vae_decode(device: torch.device) -> dict:
               f"{diff:.3e}", flush=True)
 
     vae_module.set_fused_kernels(True)
+    vae_module.conv_by_frames = by_frames
     results["upsampling layers of a 3-latent chunk"] = upsampling_ab(vae)
     return results
 

@@ -148,23 +148,40 @@ def set_frame_convs(enabled: bool) -> None:
     _frame_convs = enabled
 
 
+Activation = torch.Tensor | list[torch.Tensor]
+"""A tensor, or a list of tensors of one shape whose sum it is (a convolution's per-tap outputs, not yet added)."""
+
+
+def _summed(a: Activation) -> torch.Tensor:
+    """The tensor an Activation stands for (its parts added in place into the first, a fresh conv output)."""
+    if isinstance(a, torch.Tensor):
+        return a
+    for part in a[1:]:
+        a[0].add_(part)
+    return a[0]
+
+
 def conv_by_frames(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   padding: tuple[int, int]) -> torch.Tensor:
+                   padding: tuple[int, int], sum_taps: bool = True) -> Activation:
     """conv3d(x, weight, bias, stride 1, padding (0, *padding)) of x (B, C, T_in, H, W) with weight (O, C, kt, kh, kw)
     as out[:, :, t] = sum_k conv2d(x[:, :, t + k], weight[:, :, k]): each 2D convolution covers every output frame
     at once (frames folded into the batch; a view when B = 1 and x is channels-last). Returns (B, O, T, H', W') in
-    x's memory format."""
+    x's memory format, or with `sum_taps=False` the kt per-tap outputs for the consumer to add as it reads them."""
     b, c, t_in, h, w = x.shape
     kt = weight.shape[2]
     t = t_in - kt + 1
     fmt = torch.channels_last if _memory_format(x) == torch.channels_last_3d else torch.contiguous_format
     frames = x.transpose(1, 2)  # (B, T_in, C, H, W)
-    out = None
+    taps: list[torch.Tensor] = []
     for k in range(kt):
         tap = weight[:, :, k].contiguous(memory_format=fmt)
         y = F.conv2d(frames[:, k : k + t].reshape(b * t, c, h, w), tap, bias if k == 0 else None, padding=padding)
-        out = y if out is None else out.add_(y)
-    return out.reshape(b, t, *out.shape[1:]).transpose(1, 2)
+        if sum_taps and taps:
+            taps[0].add_(y)
+        else:
+            taps.append(y)
+    taps = [y.reshape(b, t, *y.shape[1:]).transpose(1, 2) for y in taps]
+    return taps[0] if sum_taps else taps
 
 
 def _fused(x: torch.Tensor) -> bool:
@@ -225,12 +242,13 @@ class CausalConv3d(nn.Conv3d):
             return super().forward(x).contiguous(memory_format=_memory_format(x))
         return self.convolve(x, lambda out: out.copy_(x), cache)
 
-    def convolve(self, x: torch.Tensor, fill: Callable[[torch.Tensor], object],
-                 cache: TimeCache | None) -> torch.Tensor:
+    def convolve(self, x: torch.Tensor, fill: Callable[[torch.Tensor], object], cache: TimeCache | None,
+                 sum_taps: bool = True) -> Activation:
         """This conv of a chunk shaped like x (B, C, T, H, W) that `fill(out)` writes: `out` (x's shape) is the tail
         of the conv's input buffer, after the kept frames of the previous chunk (zeros at the video start), so the
         chunk (x itself, or the norm before the conv) is written once, straight where the conv reads it and no
-        [kept frames + chunk] concatenation is made. Keeps the buffer's last frames in `cache` for the next chunk."""
+        [kept frames + chunk] concatenation is made. Keeps the buffer's last frames in `cache` for the next chunk.
+        `sum_taps=False`: the frame convolutions' per-tap outputs may come back unsummed (see `conv_by_frames`)."""
         b, c, t, h, w = x.shape
         p = self.past_frames
         buffer = torch.empty((b, c, p + t, h, w), dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
@@ -244,7 +262,7 @@ class CausalConv3d(nn.Conv3d):
             cache.past[self] = buffer[:, :, -p:].clone()  # clone: don't pin the whole chunk
         by_frames = self.stride == (1, 1, 1) and self.groups == 1
         if _frame_convs and by_frames and (not x.is_cuda or _memory_format(x) == torch.channels_last_3d):
-            return conv_by_frames(buffer, self.weight, self.bias, self.padding[1:])  # CUDA channels-first: slower
+            return conv_by_frames(buffer, self.weight, self.bias, self.padding[1:], sum_taps)  # not CUDA channels-first
         return super().forward(buffer)
 
 
@@ -256,21 +274,26 @@ class RMSNorm(nn.Module):
         self.scale = dim**0.5
         self.gamma = nn.Parameter(torch.ones(dim, 1, 1, 1) if frames else torch.ones(dim, 1, 1))
 
-    def forward(self, x: torch.Tensor, silu: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Normalise x (B, C, ...) over C, then SiLU if `silu`; written into `out` (x's shape) when given."""
-        if _fused(x):
+    def forward(self, x: Activation, silu: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalise x (B, C, ...) over C, then SiLU if `silu`; written into `out` (x's shape) when given. A list x
+        is summed first (by the kernel as it reads the parts, when fused)."""
+        parts = [x] if isinstance(x, torch.Tensor) else x
+        if _fused(parts[0]):
             from kernels.vae_ops import channel_rms_norm
 
-            return channel_rms_norm(x, self.gamma, silu=silu, out=out)
+            return channel_rms_norm(parts[0], self.gamma, silu=silu, out=out, addends=parts[1:])
+        x = _summed(x)
         y = F.normalize(x, dim=1) * self.scale * self.gamma.view(-1, *(1,) * (x.dim() - 2))
         if silu:
             y = F.silu(y)
         return y if out is None else out.copy_(y)
 
 
-def _norm_silu_conv(norm: RMSNorm, conv: CausalConv3d, x: torch.Tensor, cache: TimeCache | None) -> torch.Tensor:
+def _norm_silu_conv(norm: RMSNorm, conv: CausalConv3d, x: Activation, cache: TimeCache | None,
+                    sum_taps: bool = True) -> Activation:
     """conv(silu(norm(x))), the norm writing its output straight into the conv's input."""
-    return conv.convolve(x, lambda out: norm(x, silu=True, out=out), cache)
+    like = x if isinstance(x, torch.Tensor) else x[0]
+    return conv.convolve(like, lambda out: norm(x, silu=True, out=out), cache, sum_taps)
 
 
 class ResidualBlock(nn.Module):
@@ -285,12 +308,19 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: TimeCache | None = None) -> torch.Tensor:
         h = self.conv_shortcut(x)
-        x = _norm_silu_conv(self.norm1, self.conv1, x, cache)
         if self.training and self.dropout.p > 0:
-            x = self.conv2(self.dropout(self.norm2(x, silu=True)), cache)
-        else:
-            x = _norm_silu_conv(self.norm2, self.conv2, x, cache)
-        return x.add_(h)  # x is the conv's fresh output: no third activation-sized tensor
+            x = _norm_silu_conv(self.norm1, self.conv1, x, cache)
+            return self.conv2(self.dropout(self.norm2(x, silu=True)), cache).add_(h)
+        # Fused (CUDA inference): the convs' per-tap outputs are added by the kernels that read them (the next norm,
+        # the residual sum) instead of in two extra passes per conv. The sums are conv outputs: added to in place.
+        lazy = _fused(x)
+        x = _norm_silu_conv(self.norm1, self.conv1, x, cache, sum_taps=not lazy)
+        x = _norm_silu_conv(self.norm2, self.conv2, x, cache, sum_taps=not lazy)
+        if lazy and isinstance(x, list):
+            from kernels.vae_ops import add_n
+
+            return add_n([*x, h], out=x[0])
+        return _summed(x).add_(h)
 
 
 class AttentionBlock(nn.Module):

@@ -38,7 +38,7 @@ from kernels.modulate import (
     layernorm_modulate_reference,
 )
 from kernels.qk_norm_rope import rms_norm_rope, rms_norm_rope_reference, rope, rope_reference
-from kernels.vae_ops import channel_rms_norm, channel_rms_norm_reference
+from kernels.vae_ops import add_n, channel_rms_norm, channel_rms_norm_reference
 
 DEVICE = "cpu" if INTERPRET else "cuda"
 LOW = [torch.float16, torch.bfloat16]
@@ -355,6 +355,46 @@ def test_channel_rms_norm_strided_out_and_channels_last():
     check_ulp(channel_rms_norm(frames, gamma), channel_rms_norm_reference(*f64(frames, gamma)), torch.float32)
 
 
+@pytest.mark.parametrize("count", [1, 2])
+def test_channel_rms_norm_adds_addends_first(count):
+    x = rand(1, 12, 3, 5, 7)
+    parts = [rand(1, 12, 3, 5, 7).contiguous(memory_format=torch.channels_last_3d),  # any layouts
+             rand(1, 3, 12, 5, 7).transpose(1, 2)][:count]
+    gamma = rand(12, 1, 1, 1)
+    out = channel_rms_norm(x, gamma, silu=True, addends=parts)
+    total = sum((p.double() for p in parts), x.double())
+    check_ulp(out, channel_rms_norm_reference(total, gamma.double(), silu=True), torch.float32)
+
+
+@pytest.mark.parametrize("count", [2, 3, 4])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_add_n(count, channels_last):
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    inputs = [rand(2, 6, 3, 5, 4).contiguous(memory_format=fmt) for _ in range(count)]
+    expected = sum(t.double() for t in inputs).float()
+    torch.testing.assert_close(add_n(inputs), expected, rtol=1e-6, atol=1e-6)
+    out = add_n(inputs, out=inputs[0])  # into the first input, as the VAE's residual sum does
+    assert out.data_ptr() == inputs[0].data_ptr()
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_add_n_of_different_layouts_goes_through_torch():
+    a = rand(1, 6, 3, 5, 4)
+    b = rand(1, 3, 6, 5, 4).transpose(1, 2)
+    torch.testing.assert_close(add_n([a, b]), a + b)
+
+
+def test_add_n_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="2 to 4 tensors of one shape"):
+        add_n([rand(2, 3)])
+    with pytest.raises(ValueError, match="2 to 4 tensors of one shape"):
+        add_n([rand(2, 3), rand(3, 2)])
+    with pytest.raises(ValueError, match="out must have shape"):
+        add_n([rand(2, 3), rand(2, 3)], out=rand(3, 3))
+    with pytest.raises(ValueError, match="addends must be up to two tensors"):
+        channel_rms_norm(rand(1, 4, 3), rand(4), addends=[rand(1, 4, 2)])
+
+
 def test_channel_rms_norm_rejects_bad_arguments():
     with pytest.raises(ValueError, match="one value per channel"):
         channel_rms_norm(rand(1, 4, 3), rand(5))
@@ -372,13 +412,15 @@ def test_channel_rms_norm_reference_matches_the_vae_norm():
         torch.testing.assert_close(channel_rms_norm_reference(x, norm.gamma), norm(x), rtol=1e-12, atol=1e-12)
 
 
-def test_vae_fused_path_matches_torch(monkeypatch):
-    """The VAE's fused code path (norm written straight into conv input buffers) run through the kernel, on CPU."""
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_vae_fused_path_matches_torch(monkeypatch, channels_last):
+    """The VAE's fused code path (norm written straight into conv input buffers, conv taps summed by the norm and
+    residual kernels) run through the kernels, on CPU."""
     import streamgen.vae as vae_module
     from streamgen.vae import StreamingDecoder, WanVAE
     from streamgen.vae import preset as vae_preset
 
-    vae = WanVAE(vae_preset("tiny")).eval()
+    vae = WanVAE(vae_preset("tiny")).eval().to_channels_last(channels_last)
     latents = torch.randn(1, vae.config.z_dim, 3, 4, 4)
     with torch.no_grad():
         expected = vae.decode(latents)
