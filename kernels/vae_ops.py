@@ -31,17 +31,17 @@ _MAX_GRID_YZ = 65535
 
 @triton.jit
 def _channel_rms_norm_kernel(
-    x_ptr, a1_ptr, a2_ptr, gamma_ptr, bias_ptr, out_ptr,
+    x_ptr, a1_ptr, a2_ptr, shift_ptr, gamma_ptr, bias_ptr, out_ptr,
     C, P, scale, eps,
     stride_xb, stride_xc, stride_xn, stride_xp,
     stride_1b, stride_1c, stride_1n, stride_1p,
     stride_2b, stride_2c, stride_2n, stride_2p,
     stride_ob, stride_oc, stride_on, stride_op,
-    ADDENDS: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    ADDENDS: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """grid = (cdiv(P, BLOCK_P), N, B): one (all channels) x (BLOCK_P positions) tile of line n of batch b; the
-    normalised value is x + a1 + a2 (the first ADDENDS of them), summed in fp32."""
+    normalised value is x + a1 + a2 (the first ADDENDS of them) + shift[c], summed in fp32."""
     n = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     offs_c = tl.arange(0, BLOCK_C)
@@ -58,6 +58,8 @@ def _channel_rms_norm_kernel(
     if ADDENDS >= 2:
         offs = b * stride_2b + n * stride_2n + c64 * stride_2c + offs_p[None, :] * stride_2p
         x += tl.load(a2_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SHIFT:
+        x += tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[:, None]
     norm = tl.sqrt(tl.sum(x * x, axis=0))  # (BLOCK_P,): masked channels load as 0
     inv = scale / tl.maximum(norm, eps)
     gamma = tl.load(gamma_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
@@ -112,6 +114,7 @@ def channel_rms_norm(
     eps: float = 1e-12,
     out: torch.Tensor | None = None,
     addends: Sequence[torch.Tensor] = (),
+    shift: torch.Tensor | None = None,
     block_p: int | None = None,
 ) -> torch.Tensor:
     """``x / max(||x||, eps) * sqrt(C) * gamma (+ bias)`` over dim 1, then SiLU if ``silu``; fp32 math, one rounding.
@@ -120,8 +123,9 @@ def channel_rms_norm(
     C values in any shape ((C, 1, 1, 1) as the VAE stores them). ``out`` (x's shape, any float dtype and strides,
     e.g. a time slice of a conv's input buffer) receives the result; by default a new tensor laid out like x in
     x.dtype. ``addends``: up to two more tensors of x's shape (any strides) added to x, in fp32, before the norm:
-    the partial sums of a convolution computed tap by tap, so they are never summed in memory. ``block_p`` (a
-    power of two) overrides the positions per program, for tuning. Returns ``out``.
+    the partial sums of a convolution computed tap by tap, so they are never summed in memory; ``shift``: C values
+    added too (that convolution's bias, which cuDNN would add in a pass of its own). ``block_p`` (a power of two)
+    overrides the positions per program, for tuning. Returns ``out``.
     """
     if x.dim() < 3:
         raise ValueError(f"x must be (B, C, *positions), got {tuple(x.shape)}")
@@ -133,17 +137,18 @@ def channel_rms_norm(
     B, C = x.shape[:2]
     gamma = _per_channel(gamma, C, "gamma")
     bias = _per_channel(bias, C, "bias")
+    shift = _per_channel(shift, C, "shift")
     if out is None:
         out = torch.empty_like(x)
     elif out.shape != x.shape or not out.is_floating_point():
         raise ValueError(f"out must be a float tensor of shape {tuple(x.shape)}, got {tuple(out.shape)} {out.dtype}")
-    check_tensors(x, gamma, bias, out, *addends)
+    check_tensors(x, gamma, bias, shift, out, *addends)
     if out.numel() == 0:
         return out
     lines = _position_lines(x.shape, x.stride(), *(a.stride() for a in addends), out.stride())
     if lines is None or lines[0] > _MAX_GRID_YZ:  # layouts that do not flatten to lines: via contiguous tensors
         return out.copy_(channel_rms_norm(x.contiguous(), gamma, bias, silu=silu, eps=eps, block_p=block_p,
-                                          addends=[a.contiguous() for a in addends]))
+                                          addends=[a.contiguous() for a in addends], shift=shift))
     if B > _MAX_GRID_YZ:
         raise ValueError(f"batch {B} exceeds the launch grid ({_MAX_GRID_YZ})")
     N, P, line_strides = lines
@@ -155,23 +160,27 @@ def channel_rms_norm(
         block_p = min(max(8192 // block_c, 32), pow2(P))
     num_warps = min(max(block_c * block_p // 1024, 4), 16)
     _channel_rms_norm_kernel[(triton.cdiv(P, block_p), N, B)](
-        x, extra[0][0], extra[1][0], gamma, gamma if bias is None else bias, out,
+        x, extra[0][0], extra[1][0], gamma if shift is None else shift, gamma, gamma if bias is None else bias, out,
         C, P, float(C) ** 0.5, float(eps),
         x.stride(0), x.stride(1), sxn, sxp,
         *extra[0][1:], *extra[1][1:],
         out.stride(0), out.stride(1), son, sop,
-        ADDENDS=len(addends), HAS_BIAS=bias is not None, SILU=silu, BLOCK_C=block_c, BLOCK_P=block_p,
-        num_warps=num_warps,
+        ADDENDS=len(addends), HAS_SHIFT=shift is not None, HAS_BIAS=bias is not None, SILU=silu, BLOCK_C=block_c,
+        BLOCK_P=block_p, num_warps=num_warps,
     )
     return out
 
 
 @triton.jit
-def _add_n_kernel(out_ptr, a_ptr, b_ptr, c_ptr, d_ptr, n, INPUTS: tl.constexpr, BLOCK: tl.constexpr):
-    """out = a + b (+ c (+ d)) over n elements of equally laid out dense tensors, summed in fp32."""
+def _add_n_kernel(out_ptr, a_ptr, b_ptr, c_ptr, d_ptr, bias_ptr, n, C, INPUTS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """out = a + b (+ c (+ d)) (+ bias[channel]) over n elements of equally laid out dense tensors, summed in fp32;
+    channels are the innermost dim when there is a bias."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     acc = tl.load(a_ptr + offs, mask=mask).to(tl.float32) + tl.load(b_ptr + offs, mask=mask).to(tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % C, mask=mask).to(tl.float32)
     if INPUTS >= 3:
         acc += tl.load(c_ptr + offs, mask=mask).to(tl.float32)
     if INPUTS >= 4:
@@ -185,25 +194,33 @@ def _dense(t: torch.Tensor) -> bool:
     return any(t.is_contiguous(memory_format=f) for f in [torch.contiguous_format, *formats])
 
 
-def add_n(inputs: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
-    """Sum of 2 to 4 tensors of one shape into ``out`` (may be one of the inputs; default: a new tensor like the
-    first), in fp32 with one rounding: the partial sums of a convolution computed tap by tap plus a residual, read
-    once each instead of one pass per pair. One flat pass when all are dense with the same strides; else torch."""
+def add_n(inputs: Sequence[torch.Tensor], out: torch.Tensor | None = None,
+          bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of 2 to 4 tensors of one shape (B, C, ...), plus ``bias`` (C values) over dim 1 if given, into ``out``
+    (may be one of the inputs; default: a new tensor like the first), in fp32 with one rounding: the partial sums
+    of a convolution computed tap by tap, its bias and a residual, read once each instead of one pass per pair.
+    One flat pass when all are dense with the same strides (and channels innermost, with a bias); else torch."""
     if not 2 <= len(inputs) <= 4 or any(t.shape != inputs[0].shape for t in inputs):
         raise ValueError(f"add_n sums 2 to 4 tensors of one shape, got {[tuple(t.shape) for t in inputs]}")
     out = torch.empty_like(inputs[0]) if out is None else out
     if out.shape != inputs[0].shape:
         raise ValueError(f"out must have shape {tuple(inputs[0].shape)}, got {tuple(out.shape)}")
-    check_tensors(out, *inputs)
-    if not all(_dense(t) and t.stride() == out.stride() for t in (out, *inputs)):
+    C = out.shape[1] if out.dim() > 1 else 1
+    bias = _per_channel(bias, C, "bias")
+    check_tensors(out, bias, *inputs)
+    flat = all(_dense(t) and t.stride() == out.stride() for t in (out, *inputs))
+    if not flat or (bias is not None and C > 1 and out.stride(1) != 1):
         total = inputs[0].float()
         for t in inputs[1:]:
             total = total + t.float()
+        if bias is not None:
+            total = total + bias.float().view(-1, *(1,) * (out.dim() - 2))
         return out.copy_(total)
     n = out.numel()
     block = 4096
     padded = list(inputs) + [inputs[0]] * (4 - len(inputs))
-    _add_n_kernel[(triton.cdiv(n, block),)](out, *padded, n, INPUTS=len(inputs), BLOCK=block, num_warps=8)
+    _add_n_kernel[(triton.cdiv(n, block),)](out, *padded, out if bias is None else bias, n, C, INPUTS=len(inputs),
+                                            HAS_BIAS=bias is not None, BLOCK=block, num_warps=8)
     return out
 
 

@@ -360,20 +360,23 @@ def test_channel_rms_norm_adds_addends_first(count):
     x = rand(1, 12, 3, 5, 7)
     parts = [rand(1, 12, 3, 5, 7).contiguous(memory_format=torch.channels_last_3d),  # any layouts
              rand(1, 3, 12, 5, 7).transpose(1, 2)][:count]
-    gamma = rand(12, 1, 1, 1)
-    out = channel_rms_norm(x, gamma, silu=True, addends=parts)
-    total = sum((p.double() for p in parts), x.double())
+    gamma, shift = rand(12, 1, 1, 1), rand(12)
+    out = channel_rms_norm(x, gamma, silu=True, addends=parts, shift=shift)
+    total = sum((p.double() for p in parts), x.double()) + shift.double().view(-1, 1, 1, 1)
     check_ulp(out, channel_rms_norm_reference(total, gamma.double(), silu=True), torch.float32)
 
 
 @pytest.mark.parametrize("count", [2, 3, 4])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_add_n(count, channels_last):
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_add_n(count, channels_last, with_bias):
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
     inputs = [rand(2, 6, 3, 5, 4).contiguous(memory_format=fmt) for _ in range(count)]
-    expected = sum(t.double() for t in inputs).float()
-    torch.testing.assert_close(add_n(inputs), expected, rtol=1e-6, atol=1e-6)
-    out = add_n(inputs, out=inputs[0])  # into the first input, as the VAE's residual sum does
+    bias = rand(6) if with_bias else None
+    expected = sum(t.double() for t in inputs)
+    expected = (expected if bias is None else expected + bias.double().view(-1, 1, 1, 1)).float()
+    torch.testing.assert_close(add_n(inputs, bias=bias), expected, rtol=1e-6, atol=1e-6)
+    out = add_n(inputs, out=inputs[0], bias=bias)  # into the first input, as the VAE's residual sum does
     assert out.data_ptr() == inputs[0].data_ptr()
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
 
