@@ -26,7 +26,10 @@ the RMS norm (+ SiLU) is one Triton kernel (`kernels/vae_ops.py`) that writes th
 selects the plain torch ops, which autograd and CPUs always use. Every step keeps the activations' memory format, so
 `WanVAE.to_channels_last()` runs the whole network channels-last (cuDNN's native layout) without layout changes.
 There, and on CPUs, each causal 3D convolution runs as a sum of 2D convolutions over whole frames
-(`set_frame_convs`): the 2D kernels beat the 3D ones (measured on an H100 and on a 2-core CPU).
+(`set_frame_convs`): the 2D kernels beat the 3D ones (measured on an H100 and on a 2-core CPU). In a residual block
+on CUDA those per-tap outputs and the conv's bias are left unsummed (`Taps`) for the kernel that reads them next to
+add (the next norm, the residual sum), and each nearest-2x upsampling + 3x3 conv runs as one 2x2-phase convolution
+(`upsample2x_conv`). Timings: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -287,8 +290,8 @@ class RMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(dim, 1, 1, 1) if frames else torch.ones(dim, 1, 1))
 
     def forward(self, x: Activation, silu: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Normalise x (B, C, ...) over C, then SiLU if `silu`; written into `out` (x's shape) when given. A list x
-        is summed first (by the kernel as it reads the parts, when fused)."""
+        """Normalise x (B, C, ...) over C, then SiLU if `silu`; written into `out` (x's shape) when given. `Taps` x
+        are summed first (by the kernel as it reads them, when fused)."""
         taps = Taps([x], None) if isinstance(x, torch.Tensor) else x
         if _fused(taps.parts[0]):
             from kernels.vae_ops import channel_rms_norm
