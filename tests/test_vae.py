@@ -19,6 +19,8 @@ from streamgen.vae import (
     CausalConv3d,
     Resample,
     ResidualBlock,
+    RMSNorm,
+    Taps,
     TimeCache,
     VaeConfig,
     WanVAE,
@@ -204,6 +206,15 @@ def test_streaming_decode_by_frames_equals_the_conv3d_path(vae64, channels_last)
         set_frame_convs(True)
         vae64.to_channels_last(False)
     torch.testing.assert_close(outs[True], outs[False], rtol=0, atol=1e-10)
+
+
+def test_norm_of_unsummed_taps_equals_norm_of_their_sum():
+    g = torch.Generator().manual_seed(5)
+    parts = [torch.randn(1, 6, 2, 3, 4, generator=g, dtype=torch.float64) for _ in range(3)]
+    bias = torch.randn(6, generator=g, dtype=torch.float64)
+    norm = RMSNorm(6).double()
+    expected = norm(parts[0] + parts[1] + parts[2] + bias.view(-1, 1, 1, 1), silu=True)
+    torch.testing.assert_close(norm(Taps([p.clone() for p in parts], bias), silu=True), expected)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
