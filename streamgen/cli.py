@@ -45,6 +45,10 @@ def _steps(text: str) -> int | list[int]:
     return values[0] if len(values) == 1 else values
 
 
+DECODE_PASS_HELP = ("decode at most N latent frames per VAE pass: less GPU memory (480x832: 2.9 instead of 8.0 GiB "
+                    "for the decoder) for a little speed (default: a whole chunk)")
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -110,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--fps", type=_fps, help="frame rate of the output (default: the model's)")
     gen.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
     gen.add_argument("--device", type=_device, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    gen.add_argument("--decode-pass-latents", type=_positive_int, metavar="N",
+                     help=DECODE_PASS_HELP)
 
     info = sub.add_parser("info", help="describe a checkpoint folder")
     info.add_argument("model", type=Path)
@@ -122,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--model", type=Path, help="pipeline folder (diffusers layout); default: the built-in model")
     srv.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
     srv.add_argument("--device", type=_device, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    srv.add_argument("--decode-pass-latents", type=_positive_int, metavar="N",
+                     help=DECODE_PASS_HELP)
     srv.add_argument("--token", default=os.environ.get("STREAMGEN_TOKEN") or None,
                      help="access token clients must send (?token=); required with a --host other than 127.0.0.1 "
                           "(default: $STREAMGEN_TOKEN)")
@@ -168,6 +176,7 @@ def generate(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.model}: no such model folder")
     start = time.perf_counter()
     pipe = Pipeline.load(args.model, DTYPES.get(args.dtype), args.device)
+    pipe.vae.decode_pass_latents = args.decode_pass_latents
     s = pipe.settings
     height, width, frames = args.height or s.height, args.width or s.width, args.frames or s.num_frames
     pipe.latent_size(height, width, frames)  # validate before anything is written
@@ -269,6 +278,7 @@ def serve(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.model}: no such model folder")
     StreamServer.check_access(args.host, args.token)  # before the model loads
     pipe = Pipeline.load(args.model, DTYPES.get(args.dtype), args.device)
+    pipe.vae.decode_pass_latents = args.decode_pass_latents
     server = StreamServer(pipe, args.host, args.port, limits, "" if args.model else BUILTIN_DESCRIPTION, args.token,
                           args.allow_origin)
 
