@@ -84,10 +84,10 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor
     return out.transpose(1, 2)
 
 
-def _triton(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def _triton(q: Tensor, k: Tensor, v: Tensor, kv_limit: Tensor | None = None) -> Tensor:
     from kernels import chunk_attention
 
-    return chunk_attention(q, k, v)
+    return chunk_attention(q, k, v, kv_limit)
 
 
 _KERNELS = {"sdpa": _sdpa, "triton": _triton, "flash": lambda q, k, v: _flash_attn_func()(q, k, v)}
@@ -105,4 +105,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Mask | None = None) -> Tens
     kernel = _KERNELS[backend]
     if mask is None:
         return kernel(q, k, v)
+    if backend == "triton":  # one launch: the blocks' key prefixes become per-query limits (fills, capturable)
+        limits = torch.cat([torch.full((b - a,), end, dtype=torch.int32, device=q.device)
+                            for a, b, end in mask.prefix_blocks])
+        return _triton(q, k, v, limits)
     return torch.cat([kernel(q[:, a:b], k[:, :end], v[:, :end]) for a, b, end in mask.prefix_blocks], dim=1)

@@ -64,3 +64,21 @@ def test_flash_path_serves_prefix_blocks(monkeypatch, fake_flash):
     fake_flash.clear()
     attention(q, k, v, Mask(None, dense))  # dense masks never reach flash-attn
     assert not fake_flash
+
+
+def test_triton_path_serves_prefix_blocks_in_one_launch(monkeypatch):
+    """The Triton kernel takes the blocks' key prefixes as per-query limits (run here in Triton's interpreter)."""
+    import kernels
+
+    calls = []
+    real = kernels.chunk_attention
+    monkeypatch.setattr(kernels, "chunk_attention", lambda q, k, v, kv_limit=None: (
+        calls.append(None if kv_limit is None else kv_limit.tolist()), real(q, k, v, kv_limit))[1])
+    monkeypatch.setattr(attn, "select_backend", lambda device_type, dtype: "triton")
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 5, 2, 16), torch.randn(1, 7, 2, 16), torch.randn(1, 7, 2, 16)
+    visible = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    out = attention(q, k, v, Mask.from_runs(visible, [2, 3], [2, 2, 3]))
+    assert calls == [[4, 4, 7, 7, 7]]
+    dense = visible.repeat_interleave(torch.tensor([2, 3]), 0).repeat_interleave(torch.tensor([2, 2, 3]), 1)
+    torch.testing.assert_close(out, attn._sdpa(q, k, v, dense), rtol=1e-5, atol=1e-5)
