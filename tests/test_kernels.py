@@ -315,6 +315,17 @@ def test_attention_reference_matches_sdpa():
     torch.testing.assert_close(attention_reference(q, k, v, kv_limit, scale=0.2, compute_dtype=torch.float64), expect)
 
 
+@pytest.mark.parametrize("splits, blocks", [(2, (32, 32)), (3, (16, 64)), (2, (None, None))])
+@pytest.mark.parametrize("Lk", [70, 300, 530])
+def test_chunk_attention_split_keys(splits, blocks, Lk):
+    """Keys folded in ranges of whole 128-key spans, merged by the combine kernel; with Lk = 70 every split but
+    the first is empty (its rows must not turn NaN)."""
+    B, Lq, H, d = 2, 45, 3, 32
+    q, k, v = rand(B, Lq, H, d), rand(B, Lk, H, d), rand(B, Lk, H, d)
+    out = chunk_attention(q, k, v, splits=splits, block_m=blocks[0], block_n=blocks[1])
+    check_attention(out, q, k, v, None)
+
+
 def test_chunk_attention_rejects_bad_inputs():
     q = rand(1, 8, 2, 32)
     with pytest.raises(ValueError):
@@ -325,6 +336,8 @@ def test_chunk_attention_rejects_bad_inputs():
         chunk_attention(q, q.half(), q.half())
     with pytest.raises(ValueError):
         chunk_attention(rand(1, 8, 1, 256), rand(1, 8, 1, 256), rand(1, 8, 1, 256))
+    with pytest.raises(ValueError, match="splits must be"):
+        chunk_attention(q, q, q, kv_limit=torch.full((8,), 4, dtype=torch.int32, device=DEVICE), splits=2)
 
 
 # ----------------------------------------------------------------------------------------- channel_rms_norm (VAE)
