@@ -158,13 +158,15 @@ def _attn_fwd_kernel(
         tl.store(stat, m_i, mask=row_ok)
         tl.store(stat + tl.num_programs(0) * Lq, l_i, mask=row_ok)
     else:
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        o_base = o_ptr + b * stride_ob + h * stride_oh
-        tl.store(
-            o_base + rows[:, None] * stride_om + offs_d[None, :] * stride_od,
-            out.to(o_ptr.dtype.element_ty),
-            mask=q_mask,
-        )
+        _store_normalized(o_ptr, acc, l_i, b, h, rows, offs_d, stride_ob, stride_om, stride_oh, stride_od, q_mask)
+
+
+@triton.jit
+def _store_normalized(o_ptr, acc, l_i, b, h, rows, offs_d, stride_ob, stride_om, stride_oh, stride_od, mask):
+    """acc / l_i (0 for rows that saw no key) into o[b, rows, h, :] in o's dtype."""
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(o_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_d[None, :] * stride_od,
+             out.to(o_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -192,10 +194,9 @@ def _attn_combine_kernel(
         part = tl.load(part_ptr + ((s * BH + bh) * Lq + rows[:, None]) * BLOCK_D + offs_d[None, :],
                        mask=row_ok[:, None], other=0.0)
         acc += w[:, None] * part
-    out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-    tl.store(o_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_d[None, :] * stride_od,
-             out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < head_dim))
+    _store_normalized(o_ptr, acc, total, b, h, rows, offs_d, stride_ob, stride_om, stride_oh, stride_od,
+                      row_ok[:, None] & (offs_d[None, :] < head_dim))
 
 
 def _h100_configs() -> list[triton.Config]:
@@ -284,12 +285,6 @@ def chunk_attention(
 
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     block_d = max(16, pow2(d))
-    args = (
-        q, k, v, out, kv_limit if kv_limit is not None else q,
-        H, Lq, Lk, d, scale * _LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        pow2(Lq), pow2(Lk),
-    )
     if splits is None:
         splits = 1 if kv_limit is not None else _splits(B * H * triton.cdiv(Lq, 128), Lk, q.device)
     if splits < 1 or (splits > 1 and kv_limit is not None):
@@ -299,7 +294,13 @@ def chunk_attention(
     if splits > 1:
         part = torch.empty((splits, B * H, Lq, block_d), dtype=torch.float32, device=q.device)
         stat = torch.empty((splits, 2, B * H, Lq), dtype=torch.float32, device=q.device)
-    args = (*args[:-2], part, stat, span, *args[-2:])
+    args = (
+        q, k, v, out, kv_limit if kv_limit is not None else q,
+        H, Lq, Lk, d, scale * _LOG2E,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        part, stat, span,
+        pow2(Lq), pow2(Lk),
+    )
     flags = dict(BLOCK_D=block_d, HAS_LIMIT=kv_limit is not None, EVEN_D=block_d == d, IEEE=q.dtype == torch.float32,
                  SPLITS=splits)
     if block_m is not None or block_n is not None:
