@@ -164,6 +164,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _load_pipeline(args: argparse.Namespace) -> Pipeline:
+    """The pipeline `generate` and `serve` run: --model (or the built-in one) on --device in --dtype, decoding
+    --decode-pass-latents latent frames per VAE pass."""
+    pipe = Pipeline.load(args.model, DTYPES.get(args.dtype), args.device)
+    pipe.vae.decode_pass_latents = args.decode_pass_latents
+    return pipe
+
+
 def generate(args: argparse.Namespace) -> int:
     if args.prompt is None and args.embeddings is None:
         raise UsageError("give --prompt, or --embeddings (with --prompt to pick one prompt from the file)")
@@ -175,8 +183,7 @@ def generate(args: argparse.Namespace) -> int:
     if args.model is not None and not args.model.is_dir():
         raise UsageError(f"{args.model}: no such model folder")
     start = time.perf_counter()
-    pipe = Pipeline.load(args.model, DTYPES.get(args.dtype), args.device)
-    pipe.vae.decode_pass_latents = args.decode_pass_latents
+    pipe = _load_pipeline(args)
     s = pipe.settings
     height, width, frames = args.height or s.height, args.width or s.width, args.frames or s.num_frames
     pipe.latent_size(height, width, frames)  # validate before anything is written
@@ -277,8 +284,7 @@ def serve(args: argparse.Namespace) -> int:
     if args.model is not None and not args.model.is_dir():
         raise UsageError(f"{args.model}: no such model folder")
     StreamServer.check_access(args.host, args.token)  # before the model loads
-    pipe = Pipeline.load(args.model, DTYPES.get(args.dtype), args.device)
-    pipe.vae.decode_pass_latents = args.decode_pass_latents
+    pipe = _load_pipeline(args)
     server = StreamServer(pipe, args.host, args.port, limits, "" if args.model else BUILTIN_DESCRIPTION, args.token,
                           args.allow_origin)
 
