@@ -22,7 +22,7 @@ import torch
 
 from streamgen import model as model_module
 from streamgen import vae as vae_module
-from streamgen.bench import markdown, plot, random_pipeline, run_budget
+from streamgen.bench import markdown, plot, random_pipeline, run_budget, vae_decode_case
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,14 +55,7 @@ def correctness(pipe, prompt, steps: int) -> dict:
 def vae_decode(device: torch.device) -> dict:
     """Whole-video streaming decode per VAE code path, chunked as the stream: seconds, peak GiB above the weights
     and max abs difference from the plain path (torch norm, channels-first, 3D convolutions)."""
-    from streamgen.config import preset as transformer_preset
-    from streamgen.engine import chunk_sizes
-    from streamgen.vae import WanVAE, preset
-
-    torch.manual_seed(0)
-    vae = WanVAE(preset("wan2.1")).eval().to(device=device, dtype=torch.bfloat16)
-    latents = torch.randn(1, 16, 21, 60, 104, device=device)
-    sizes = chunk_sizes(transformer_preset("1.3B").chunk_partition, 21)
+    vae, latents, sizes = vae_decode_case(device)
     # (fused norm, channels-last, frame convolutions, taps summed by the consumers, latent frames per pass)
     variants = [(False, False, False, False, None), (True, True, False, False, None), (True, True, True, False, None),
                 (True, True, True, True, None), (True, True, True, True, 1)]  # the last two: the defaults
@@ -123,9 +116,9 @@ def upsampling_ab(vae) -> dict[str, float]:
     out = {}
     with torch.no_grad():
         pairs = list(zip(layers, inputs))
+        sync = torch.cuda.synchronize if vae.device.type == "cuda" else lambda: None
         for name, fn in (("upsample then conv", lambda: [m.resample(x) for m, x in pairs]),
                          ("upsample2x_conv", lambda: [upsample2x_conv(x, m.resample[1]) for m, x in pairs])):
-            sync = torch.cuda.synchronize if vae.device.type == "cuda" else lambda: None
             out[name] = Timer("fn(); sync()", globals={"fn": fn, "sync": sync}).blocked_autorange(
                 min_run_time=1.0).median
         diff = max((upsample2x_conv(x, m.resample[1]) - m.resample(x)).abs().max().item() for m, x in pairs)

@@ -14,13 +14,10 @@ from collections import Counter
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from streamgen.bench import random_pipeline
+from streamgen.bench import random_pipeline, vae_decode_case
 from streamgen.cache import KVCache, context_layout
-from streamgen.config import preset
 from streamgen.engine import chunk_sizes
 from streamgen.model import Run
-from streamgen.vae import WanVAE
-from streamgen.vae import preset as vae_preset
 
 
 def timed(fn, name: str, rows: int) -> None:
@@ -39,11 +36,8 @@ def timed(fn, name: str, rows: int) -> None:
 
 
 def profile_vae(device: torch.device, rows: int) -> None:
-    torch.manual_seed(0)
-    vae = WanVAE(vae_preset("wan2.1")).eval().to(device=device, dtype=torch.bfloat16)
+    vae, latents, sizes = vae_decode_case(device)
     vae.to_channels_last()
-    latents = torch.randn(1, 16, 21, 60, 104, device=device)
-    sizes = chunk_sizes(preset("1.3B").chunk_partition, 21)
 
     def decode():
         vae.decode(latents, sizes)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from streamgen.config import TransformerConfig, preset
-from streamgen.engine import now
+from streamgen.engine import chunk_sizes, now
 from streamgen.model import CausalWanTransformer
 from streamgen.pipeline import Pipeline, PipelineSettings
 from streamgen.vae import WanVAE
@@ -58,6 +58,15 @@ def random_pipeline(size: str | TransformerConfig, device: torch.device, dtype: 
         torch.set_default_dtype(default)
     transformer.to_dtype(dtype)
     return Pipeline(transformer, vae, None, PipelineSettings())
+
+
+def vae_decode_case(device: torch.device) -> tuple[WanVAE, torch.Tensor, list[int]]:
+    """The 1.3B stream's decode at 480x832, 81 frames, for VAE benchmarks: the released VAE with random weights in
+    bf16, random latents (21 latent frames) and the stream's chunk sizes, seeded so every benchmark decodes the same."""
+    torch.manual_seed(0)
+    vae = WanVAE(vae_preset("wan2.1")).eval().to(device=device, dtype=torch.bfloat16)
+    latents = torch.randn(1, 16, 21, 60, 104, device=device)
+    return vae, latents, chunk_sizes(preset("1.3B").chunk_partition, 21)
 
 
 def run_budget(pipe: Pipeline, steps: int, prompt: torch.Tensor, height: int, width: int, frames: int) -> BudgetResult:
