@@ -4,7 +4,8 @@ For every kernel: check bf16 correctness against the fp32 reference (max abs err
 torch baseline's own error), time kernel and baseline with ``triton.testing.do_bench``, and report achieved TB/s
 (memory-bound kernels: bytes that must move once) or TFLOP/s (attention: 4*B*H*d*sum(keys seen per query), i.e.
 4*B*H*Lq*Lk*d without a mask). Baselines: the eager fp32 torch ops (the ``*_reference`` functions, as the eager
-engine would run them) and ``scaled_dot_product_attention`` on (B, H, L, d) copies made outside the timed region.
+engine would run them) and ``scaled_dot_product_attention`` on (B, H, L, d) copies made outside the timed region
+(for the chunk-causal refresh: one SDPA call per block of queries, concatenated, as the engine's SDPA path runs it).
 
 Default shapes: Wan2.1 1.3B (H=12, d=128), one chunk of 3 latent frames at 480x832 (Lq = 3 x 1560 = 4680 tokens),
 keys = own chunk + full cache of 2 chunks (9360) + k compressed frames (390 tokens each); plus the chunk-causal
@@ -18,6 +19,7 @@ cache refresh (last compressed chunk + full window as queries over the whole pre
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -167,7 +169,11 @@ def main(argv=None) -> int:
     if not args.skip_attention:
         sdpa = torch.nn.functional.scaled_dot_product_attention
 
-        def attention_case(name, lq, lk, kv_limit):
+        def attention_case(name, lq, lk, blocks=None):
+            """blocks: (query start, end, keys seen) of a prefix mask, given to the kernel as per-query key limits
+            and to SDPA as the engine's SDPA path does: one unmasked call per block, outputs concatenated."""
+            kv_limit = None if blocks is None else torch.cat(
+                [torch.full((b - a,), e, dtype=torch.int32) for a, b, e in blocks]).to(dev)
             q = torch.randn(B, lq, H, d, device=dev, dtype=dtype)
             k = torch.randn(B, lk, H, d, device=dev, dtype=dtype)
             v = torch.randn(B, lk, H, d, device=dev, dtype=dtype)
@@ -175,24 +181,27 @@ def main(argv=None) -> int:
             ref = torch.cat([attention_reference(*(t[:, :, h:h + 1].float() for t in (q, k, v)), kv_limit)
                              for h in range(H)], dim=2)
             qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
-            mask = None
-            if kv_limit is not None:
-                mask = torch.arange(lk, device=dev)[None, :] < kv_limit[:, None].long()
+
+            def library():
+                if blocks is None:
+                    return sdpa(qt, kt, vt)
+                return torch.cat([sdpa(qt[:, :, a:b], kt[:, :, :e], vt[:, :, :e]) for a, b, e in blocks], dim=2)
+
             out = chunk_attention(q, k, v, kv_limit)  # also runs the autotuner for this shape
             best = getattr(attn_mod._attn_fwd_tuned, "best_config", None)
-            base = sdpa(qt, kt, vt, attn_mask=mask).transpose(1, 2)
+            base = library().transpose(1, 2)
             e, be = errors(out, ref), errors(base, ref)
             del ref, base
             seen = lq * lk if kv_limit is None else int(kv_limit.long().sum())
             flops = 4 * B * H * d * seen
-            t = timings(lambda: chunk_attention(q, k, v, kv_limit), lambda: sdpa(qt, kt, vt, attn_mask=mask), flops)
+            t = timings(lambda: chunk_attention(q, k, v, kv_limit), library, flops)
             report({"name": name, "shape": f"q({B},{lq},{H},{d}) k({lk})", "unit": "TFLOP/s", "flops": flops, **t,
                     **e, "base_max_abs_err": be["max_abs_err"], "base_rel_err": be["rel_err"],
                     "config": str(best) if best is not None else None})
 
         for cf in args.compressed_frames:
             lk = Lq + full + cf * COMPRESSED_FRAME_TOKENS
-            attention_case(f"attention denoise (+{cf} cmp frames)", Lq, lk, None)
+            attention_case(f"attention denoise (+{cf} cmp frames)", Lq, lk)
 
         n = args.refresh_compressed_chunks
         if n > 0:
@@ -201,8 +210,9 @@ def main(argv=None) -> int:
             lk = n * cchunk + args.full_chunks * fchunk
             q_chunks = [cchunk] + [fchunk] * args.full_chunks  # the chunk that turned compressed + the full window
             ends = [n * cchunk + i * fchunk for i in range(args.full_chunks + 1)]
-            kv_limit = torch.cat([torch.full((c,), e, dtype=torch.int32) for c, e in zip(q_chunks, ends)]).to(dev)
-            attention_case(f"attention refresh ({n} cmp chunks)", sum(q_chunks), lk, kv_limit)
+            starts = [0, *itertools.accumulate(q_chunks)]
+            attention_case(f"attention refresh ({n} cmp chunks)", sum(q_chunks), lk,
+                           list(zip(starts, starts[1:], ends)))
 
     print()
     print("ms: do_bench (includes launch overhead); graph: CUDA-graph replay (GPU time only); perf from each; "
