@@ -73,13 +73,13 @@ def call_site(event: dict) -> str:
     return f"{'/'.join(f['filename'].rsplit('/', 2)[-2:])}:{f['line']} {f['name']}"
 
 
-def profile_memory(size: str, steps: int, rows: int, decode_pass_latents: int | None) -> None:
+def profile_memory(size: str, steps: int, rows: int, decode_pass_frames: int | None) -> None:
     """Live memory at the peak of a 480x832, 81-frame stream, latents only and then with decode, after a warm-up
     stream, by the call site that allocated each block (weights and cache buffers included)."""
     device = torch.device("cuda")
     torch.cuda.memory._record_memory_history(max_entries=2_000_000)
     pipe = random_pipeline(size, device, torch.bfloat16)
-    pipe.vae.decode_pass_latents = decode_pass_latents
+    pipe.vae.decode_pass_frames = decode_pass_frames
     prompt = torch.randn(1, 512, pipe.transformer.config.text_dim, device=device, dtype=torch.bfloat16)
     frames, h, w = pipe.latent_size(480, 832, 81)
     for _ in pipe.stream(prompt, height=480, width=832, num_frames=81, steps=steps, seed=0):
@@ -115,13 +115,13 @@ def main() -> None:
     p.add_argument("--vae", action="store_true", help="profile the VAE decode instead")
     p.add_argument("--memory", action="store_true", help="what is live at a whole stream's memory peak instead")
     p.add_argument("--steps", type=int, default=4, help="step budget of the --memory stream")
-    p.add_argument("--decode-pass-latents", type=int, help="the --memory stream's VAE decode_pass_latents")
+    p.add_argument("--decode-pass-frames", type=int, help="the --memory stream's VAE decode_pass_frames")
     args = p.parse_args()
     device = torch.device("cuda")
     if args.vae:
         return profile_vae(device, args.rows)
     if args.memory:
-        return profile_memory(args.size, args.steps, args.rows, args.decode_pass_latents)
+        return profile_memory(args.size, args.steps, args.rows, args.decode_pass_frames)
     model = random_pipeline(args.size, device, torch.bfloat16).transformer
     cfg = model.config
     sizes = chunk_sizes(cfg.chunk_partition, sum(cfg.chunk_partition))

@@ -11,7 +11,7 @@ from streamgen import bench
 
 def test_bench_writes_a_table_per_budget(tmp_path):
     args = ["--size", "tiny", "--steps", "1", "2", "--height", "32", "--width", "32", "--frames", "9",
-            "--device", "cpu", "--warmup", "0", "--decode-pass-latents", "1", "--out", str(tmp_path)]
+            "--device", "cpu", "--warmup", "0", "--decode-pass-frames", "1", "--out", str(tmp_path)]
     results = bench.main(args)
     assert [r.steps for r in results] == [1, 2]
     for r in results:
@@ -25,5 +25,5 @@ def test_bench_writes_a_table_per_budget(tmp_path):
 
 def test_bench_refuses_an_empty_decode_pass(capsys):
     with pytest.raises(SystemExit):
-        bench.main(["--size", "tiny", "--device", "cpu", "--decode-pass-latents", "0"])
-    assert "--decode-pass-latents must be >= 1, got 0" in capsys.readouterr().err
+        bench.main(["--size", "tiny", "--device", "cpu", "--decode-pass-frames", "0"])
+    assert "--decode-pass-frames must be >= 1, got 0" in capsys.readouterr().err

@@ -33,7 +33,7 @@ def test_generate_mp4_from_the_command_line(tmp_path):
 def test_decode_in_one_latent_frame_passes_gives_the_same_frames(tmp_path):
     args = ["generate", "--prompt", "a blue square", "--steps", "1", "--frames", "13", "--device", "cpu"]
     assert main([*args, "-o", str(tmp_path / "whole.npy")]) == 0
-    assert main([*args, "--decode-pass-latents", "1", "-o", str(tmp_path / "passes.npy")]) == 0
+    assert main([*args, "--decode-pass-frames", "1", "-o", str(tmp_path / "passes.npy")]) == 0
     whole, passes = (np.load(tmp_path / f).astype(np.int16) for f in ("whole.npy", "passes.npy"))
     assert whole.shape == passes.shape == (13, 64, 64, 3)
     assert np.abs(whole - passes).max() <= 1  # float32 rounding may move a pixel by one level
@@ -67,7 +67,7 @@ def test_image_context(tmp_path):
         (["--frames", "10"], "1 + 4k"),
         (["--image", "BAD_IMAGE"], "cannot read as image or video"),
         (["--image", "/nonexistent.png"], "no such file"),
-        (["--decode-pass-latents", "0"], "--decode-pass-latents"),
+        (["--decode-pass-frames", "0"], "--decode-pass-frames"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_no_file(tmp_path, args, message):

@@ -176,9 +176,10 @@ def conv_path(request):
 
 @pytest.mark.parametrize("kernel, padding", [((3, 3, 3), (1, 1, 1)), ((3, 1, 1), (1, 0, 0)), ((3, 3, 1), (1, 1, 0))])
 @pytest.mark.parametrize("batch, channels_last", [(1, True), (2, True), (2, False)])
-def test_causal_conv_cache_equals_full_padded_sequence(conv_path, kernel, padding, batch, channels_last):
+@pytest.mark.parametrize("out_channels", [5, 3], ids=["taps", "taps-as-outputs"])  # 3: conv_by_frames folds the taps
+def test_causal_conv_cache_equals_full_padded_sequence(conv_path, kernel, padding, batch, channels_last, out_channels):
     torch.manual_seed(0)
-    conv = CausalConv3d(3, 5, kernel, padding=padding).double()
+    conv = CausalConv3d(3, out_channels, kernel, padding=padding).double()
     x = torch.randn(batch, 3, 9, 6, 7, dtype=torch.float64)
     if channels_last:  # as WanVAE.to_channels_last() lays them out
         x = x.contiguous(memory_format=torch.channels_last_3d)
@@ -251,27 +252,33 @@ def test_chunked_decode_equals_whole_decode(vae, sizes):
     torch.testing.assert_close(vae.decode(z, sizes), whole, rtol=0, atol=2e-5)  # the same chunks, given as sizes
 
 
-@pytest.mark.parametrize("pass_latents", [1, 2])
-def test_decode_in_smaller_passes_equals_whole_decode(vae, pass_latents):
+@pytest.mark.parametrize("pass_frames", [1, 2, 3, 4, 5, 8])
+def test_decode_in_smaller_passes_equals_whole_decode(vae, pass_frames):
     z = latents(7)
     whole = vae.decode(z, latents_per_chunk=None)
     decoder = vae.stream_decoder()
+    seen = []  # frames per call of the full-resolution blocks
+    hook = vae.decoder.up_blocks[-1].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[2]))
     try:
-        vae.decode_pass_latents = pass_latents
+        vae.decode_pass_frames = pass_frames
         parts = [decoder.decode(chunk) for chunk in z.split([1, 3, 3], dim=2)]
+        whole_in_passes = vae.decode(z, latents_per_chunk=None)  # no stream: the passes carry a cache of their own
     finally:
-        vae.decode_pass_latents = None
+        vae.decode_pass_frames = None
+        hook.remove()
     assert decoder.latent_frames == 7
+    assert max(seen) <= pass_frames and sum(seen) == 2 * 25  # every frame once per decode
     torch.testing.assert_close(torch.cat(parts, 2), whole, rtol=0, atol=2e-5)
+    torch.testing.assert_close(whole_in_passes, whole, rtol=0, atol=2e-5)
 
 
 def test_decode_pass_size_must_be_positive(vae):
-    vae.decode_pass_latents = 0
+    vae.decode_pass_frames = 0
     try:
-        with pytest.raises(ValueError, match="decode_pass_latents must be None or >= 1, got 0"):
+        with pytest.raises(ValueError, match="decode_pass_frames must be None or >= 1, got 0"):
             vae.stream_decoder().decode(latents(1))
     finally:
-        vae.decode_pass_latents = None
+        vae.decode_pass_frames = None
 
 
 def test_decode_matches_independent_reference_float64(vae64):
