@@ -77,6 +77,7 @@ def vae_decode(device: torch.device) -> dict:
         name += f", {per_pass} frames per pass" if per_pass else ""
         with torch.no_grad():
             for _ in range(2):  # the first pass builds cuDNN plans and compiles the kernels
+                decoder = None  # the last decode's kept frames: not part of this one's baseline
                 diff = torch.zeros((), device=device)
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats(device)
