@@ -58,14 +58,15 @@ def rollout(model: CausalWanTransformer, text: Tensor, noise: Tensor, jumps: lis
     cfg = model.config
     b, _, frames, h, w = noise.shape
     sizes = chunk_sizes(cfg.chunk_partition, frames)
-    layouts = [context_layout(sizes, j, cfg.full_chunk_limit) for j in range(1, len(sizes))]
-    cache = KVCache.for_layouts(model, b, h, w, layouts, entry_tokens(model, Entry(0, 0, max(sizes), False), h, w))
+    contexts = [(context_layout(sizes, j, cfg.full_chunk_limit), entry_tokens(model, Entry(j, 0, n, False), h, w))
+                for j, n in enumerate(sizes)]
+    cache = KVCache.for_layouts(model, b, h, w, contexts)
     final: dict[int, Tensor] = {}
     out, start = [], 0
     try:
         for j, size in enumerate(sizes):
             if j:
-                cache.refresh(layouts[j - 1], final.__getitem__, text)
+                cache.refresh(contexts[j][0], final.__getitem__, text)
             z, past = noise[:, :, start:start + size].float(), cache.past()
             for t, r, grad in jumps:
                 with torch.set_grad_enabled(grad and torch.is_grad_enabled()):

@@ -182,10 +182,12 @@ class KVCache:
 
     @classmethod
     def for_layouts(cls, model: CausalWanTransformer, batch: int, height: int, width: int,
-                    layouts: Iterable[list[Entry]], chunk_tokens: int, pool: BufferPool | None = None) -> KVCache:
-        """A cache just large enough for the largest of `layouts` plus a chunk of `chunk_tokens` attending to it."""
-        need = max((sum(entry_tokens(model, e, height, width) for e in layout) for layout in layouts), default=0)
-        return cls(model, batch, height, width, need + chunk_tokens, pool)
+                    contexts: Iterable[tuple[list[Entry], int]], pool: BufferPool | None = None) -> KVCache:
+        """A cache just large enough for each context layout with the tokens of the chunk that attends to it (the
+        largest context and the largest chunk need not meet: FAR's last chunk is often the short one)."""
+        need = max((sum(entry_tokens(model, e, height, width) for e in layout) + chunk for layout, chunk in contexts),
+                   default=0)
+        return cls(model, batch, height, width, need, pool)
 
     @property
     def capacity(self) -> int:

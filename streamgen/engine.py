@@ -377,18 +377,16 @@ class LatentStream:
 
         self._floor = 1
         if self.endless:
-            layouts, floor = [], 1
+            layouts, floor = [[]], 1
             for k in range(1, len(self.partition) + self.max_frames + cfg.full_chunk_limit + 2):
                 layout, floor = window_layout(self.chunk_size, k, cfg.full_chunk_limit, self.max_frames, window, floor)
                 layouts.append(layout)
-            most = max(self.partition)
         else:
-            layouts = [context_layout(self.sizes, k, cfg.full_chunk_limit) for k in range(1, len(self.sizes))]
-            most = max(self.sizes)
-        chunk_tokens = entry_tokens(model, Entry(0, 0, most, False), height, width)
+            layouts = [context_layout(self.sizes, k, cfg.full_chunk_limit) for k in range(len(self.sizes))]
+        contexts = [(layout, entry_tokens(model, Entry(k, 0, self.chunk_size(k), False), height, width))
+                    for k, layout in enumerate(layouts)]
         self.text = model.encode_text(prompt_embeds.to(self.device))
-        self.cache: KVCache | None = KVCache.for_layouts(model, batch, height, width, layouts, chunk_tokens,
-                                                             generator.buffers)
+        self.cache: KVCache | None = KVCache.for_layouts(model, batch, height, width, contexts, generator.buffers)
         self.final: dict[int, Tensor] = {}  # latents of the chunks the cache may have to (re)encode
         self.layout: list[Entry] = []  # the context of the next chunk, once it is refreshed
         self.index = 0  # next chunk

@@ -22,12 +22,12 @@ def test_incremental_refresh_equals_full_prefix_recompute(tiny_model, prompt, fu
     finals = {i: torch.randn(1, 16, n, 16, 16) for i, n in enumerate(sizes)}
     text = tiny_model.encode_text(prompt)
     layouts = [context_layout(sizes, k, full_chunk_limit) for k in range(1, len(sizes) + 1)]
-    cache = KVCache.for_layouts(tiny_model, 1, 16, 16, layouts, chunk_tokens=128)
+    cache = KVCache.for_layouts(tiny_model, 1, 16, 16, [(layout, 128) for layout in layouts])
     for k, layout in enumerate(layouts, start=1):
         recomputed = cache.refresh(layout, finals.__getitem__, text)
         # only the newest chunk until one turns compressed; then that one and the full window after it
         assert recomputed == (1 if k < full_chunk_limit else full_chunk_limit)
-        fresh = KVCache.for_layouts(tiny_model, 1, 16, 16, [layout], chunk_tokens=0)
+        fresh = KVCache.for_layouts(tiny_model, 1, 16, 16, [(layout, 0)])
         assert fresh.refresh(layout, finals.__getitem__, text) == k
         assert cache.length == fresh.length and cache.entries == fresh.entries
         for layer in range(tiny_model.config.num_layers):
@@ -41,7 +41,7 @@ def test_compressed_entries_are_smaller_and_refresh_is_idempotent(tiny_model, pr
     finals = {i: torch.randn(1, 16, n, 16, 16) for i, n in enumerate(sizes)}
     text = tiny_model.encode_text(prompt)
     layout = context_layout(sizes, 4, 3)
-    cache = KVCache.for_layouts(tiny_model, 1, 16, 16, [layout], chunk_tokens=0)
+    cache = KVCache.for_layouts(tiny_model, 1, 16, 16, [(layout, 0)])
     cache.refresh(layout, finals.__getitem__, text)
     # 16x16 latent: 64 tokens per full frame, 16 per compressed frame
     assert cache.length == (1 + 2) * 16 + (2 + 2) * 64
@@ -54,7 +54,7 @@ def test_compressed_entries_are_smaller_and_refresh_is_idempotent(tiny_model, pr
 def test_overflow_is_an_error(tiny_model, prompt):
     sizes = [1, 2, 2]
     finals = {i: torch.randn(1, 16, n, 16, 16) for i, n in enumerate(sizes)}
-    cache = KVCache.for_layouts(tiny_model, 1, 16, 16, [context_layout(sizes, 1, 3)], chunk_tokens=0)
+    cache = KVCache.for_layouts(tiny_model, 1, 16, 16, [(context_layout(sizes, 1, 3), 0)])
     with pytest.raises(RuntimeError, match="too few"):
         cache.refresh(context_layout(sizes, 3, 3), finals.__getitem__, tiny_model.encode_text(prompt))
 

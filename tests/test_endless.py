@@ -41,7 +41,7 @@ def slow_endless(model, prompt, seed, num_chunks, steps, max_frames, window=None
 
 
 def fresh_cache(model, layout, latents, text):
-    cache = KVCache.for_layouts(model, 1, SIZE, SIZE, [layout], chunk_tokens=0)
+    cache = KVCache.for_layouts(model, 1, SIZE, SIZE, [(layout, 0)])
     cache.refresh(layout, latents.__getitem__, text)
     return cache
 
