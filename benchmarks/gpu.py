@@ -74,7 +74,7 @@ def vae_decode(device: torch.device) -> dict:
         name = (f"{'fused' if fused else 'torch'} norm, {'channels-last' if last else 'channels-first'}, "
                 f"{'frame' if frame_convs else '3D'} convs")
         name += ", taps summed by the next kernel" if lazy_taps else ""
-        name += f", {per_pass} frames per pass" if per_pass else ""
+        name += f", {per_pass} frame{'s' if per_pass > 1 else ''} per pass" if per_pass else ""
         with torch.no_grad():
             for _ in range(2):  # the first pass builds cuDNN plans and compiles the kernels
                 decoder = None  # the last decode's kept frames: not part of this one's baseline
@@ -212,7 +212,7 @@ def main() -> None:
         pipe.transformer.cuda_graphs.enabled = True
         for frames in (4, 1):  # memory-bounded decodes
             pipe.vae.decode_pass_frames = frames
-            ab[f"decode {frames} frames per pass"] = ab_run()
+            ab[f"decode {frames} frame{'s' if frames > 1 else ''} per pass"] = ab_run()
         pipe.vae.decode_pass_frames = None
         report["ab_4_steps"] = ab
         print("A/B 4 steps:", ab, flush=True)
