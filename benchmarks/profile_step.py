@@ -83,6 +83,7 @@ def compare_compile(model, step: Callable[[], object], compiled_step: Callable[[
     finally:
         model_module.set_fused_kernels(True)
         model.cuda_graphs.enabled = True
+
     def rel(x: torch.Tensor) -> float:
         return ((x.double() - reference.double()).norm() / reference.double().norm()).item()
 
