@@ -6,6 +6,8 @@ torch baseline's own error), time kernel and baseline with ``triton.testing.do_b
 4*B*H*Lq*Lk*d without a mask). Baselines: the eager fp32 torch ops (the ``*_reference`` functions, as the eager
 engine would run them) and ``scaled_dot_product_attention`` on (B, H, L, d) copies made outside the timed region
 (for the chunk-causal refresh: one SDPA call per block of queries, concatenated, as the engine's SDPA path runs it).
+Each attention case has a second row, the engine's ``cudnn`` backend (cuDNN over the keys up to a multiple of 128,
+the rest folded in by ``kernels.extend_attention``) against the same SDPA baseline.
 
 Default shapes: Wan2.1 1.3B (H=12, d=128), one chunk of 3 latent frames at 480x832 (Lq = 3 x 1560 = 4680 tokens),
 keys = own chunk + full cache of 2 chunks (9360) + k compressed frames (390 tokens each); plus the chunk-causal
@@ -67,6 +69,8 @@ def main(argv=None) -> int:
         layernorm_modulate_reference,
     )
     from kernels.qk_norm_rope import rms_norm_rope, rms_norm_rope_reference, rope, rope_reference
+    from streamgen.attention import Mask
+    from streamgen.attention import attention as engine_attention
 
     torch.manual_seed(0)
     dev = "cuda"
@@ -187,17 +191,30 @@ def main(argv=None) -> int:
                     return sdpa(qt, kt, vt)
                 return torch.cat([sdpa(qt[:, :, a:b], kt[:, :, :e], vt[:, :, :e]) for a, b, e in blocks], dim=2)
 
+            # the engine's `cudnn` backend: SDPA's cuDNN kernel over the keys up to a multiple of 128, the rest
+            # folded in by kernels.extend_attention (each block of a prefix mask alike)
+            mask = None if blocks is None else Mask(blocks, None)
+            os.environ["STREAMGEN_ATTENTION"] = "cudnn"
+
+            def cudnn_aligned():
+                return engine_attention(q, k, v, mask)
+
             out = chunk_attention(q, k, v, kv_limit)  # also runs the autotuner for this shape
             best = getattr(attn_mod._attn_fwd_tuned, "best_config", None)
             base = library().transpose(1, 2)
-            e, be = errors(out, ref), errors(base, ref)
+            e, be, ce = errors(out, ref), errors(base, ref), errors(cudnn_aligned(), ref)
             del ref, base
             seen = lq * lk if kv_limit is None else int(kv_limit.long().sum())
             flops = 4 * B * H * d * seen
+            shape = f"q({B},{lq},{H},{d}) k({lk})"
             t = timings(lambda: chunk_attention(q, k, v, kv_limit), library, flops)
-            report({"name": name, "shape": f"q({B},{lq},{H},{d}) k({lk})", "unit": "TFLOP/s", "flops": flops, **t,
+            report({"name": name, "shape": shape, "unit": "TFLOP/s", "flops": flops, **t,
                     **e, "base_max_abs_err": be["max_abs_err"], "base_rel_err": be["rel_err"],
                     "config": str(best) if best is not None else None})
+            t = timings(cudnn_aligned, library, flops)
+            del os.environ["STREAMGEN_ATTENTION"]
+            report({"name": f"{name}, cudnn", "shape": shape, "unit": "TFLOP/s", "flops": flops, **t, **ce,
+                    "base_max_abs_err": be["max_abs_err"], "base_rel_err": be["rel_err"]})
 
         for cf in args.compressed_frames:
             lk = Lq + full + cf * COMPRESSED_FRAME_TOKENS

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from ._launch import INTERPRET, check_tensors, pow2
 
-__all__ = ["attention_reference", "chunk_attention"]
+__all__ = ["attention_reference", "chunk_attention", "extend_attention"]
 
 _LOG2E = 1.4426950408889634
 
@@ -199,6 +199,45 @@ def _attn_combine_kernel(
                       row_ok[:, None] & (offs_d[None, :] < head_dim))
 
 
+@triton.jit
+def _attn_extend_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, prev_ptr, lse_ptr,
+    H, Lq, Lk, head_dim, qk_scale,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_ob, stride_om, stride_oh, stride_od,
+    stride_pb, stride_pm, stride_ph, stride_pd,
+    stride_lb, stride_lh, stride_lm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Grid (B*H, cdiv(Lq, BLOCK_M)): start the online softmax from an attention result over other keys (prev,
+    normalised, with its natural-log sum of exp scores lse: in log2 units the running max is lse * log2(e) and the
+    running sum 1) and fold keys [0, Lk) into it."""
+    bh = tl.program_id(0)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = rows < Lq
+    mask = row_ok[:, None]
+    if not EVEN_D:
+        mask = mask & (offs_d[None, :] < head_dim)
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=mask, other=0.0)
+    acc = tl.load(prev_ptr + b * stride_pb + h * stride_ph + rows[:, None] * stride_pm + offs_d[None, :] * stride_pd,
+                  mask=mask, other=0.0).to(tl.float32)
+    lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + rows * stride_lm, mask=row_ok, other=0.0)
+    m_i = lse.to(tl.float32) * 1.4426950408889634
+    l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+    acc, l_i, m_i = _attn_tiles(
+        acc, l_i, m_i, q, rows, k_ptr + b * stride_kb + h * stride_kh, v_ptr + b * stride_vb + h * stride_vh,
+        stride_kn, stride_kd, stride_vn, stride_vd, 0, Lk, Lk, head_dim, qk_scale,
+        BLOCK_N, BLOCK_D, True, False, EVEN_D, IEEE,
+    )
+    _store_normalized(o_ptr, acc, l_i, b, h, rows, offs_d, stride_ob, stride_om, stride_oh, stride_od, mask)
+
+
 def _h100_configs() -> list[triton.Config]:
     """A small H100 search space (d <= 128, 16-bit inputs in mind); see :func:`_prune_configs`."""
     shapes = [
@@ -317,6 +356,37 @@ def chunk_attention(
         _attn_combine_kernel[(B * H, triton.cdiv(Lq, 64))](
             part, stat, out, H, Lq, d, *out.stride(), SPLITS=splits, BLOCK_M=64, BLOCK_D=block_d, num_warps=4
         )
+    return out
+
+
+def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prev: torch.Tensor, lse: torch.Tensor,
+                     scale: float | None = None) -> torch.Tensor:
+    """Attention of q (B, Lq, H, d) over [earlier keys + k, v (B, Lk, H, d)], given `prev` (B, Lq, H, d), its result
+    over the earlier keys alone, and `lse` (B, H, Lq), their natural-log sum of exp(scaled scores) (what
+    FlashAttention-style kernels return as softmax_lse). For a few trailing keys: cuDNN attention is 8-9% faster over
+    a key count that is a multiple of 128 (H100), so the engine gives it that prefix and folds the rest in here, one
+    tile of keys per query tile. Returns (B, Lq, H, d) in q.dtype; any strides."""
+    B, Lq, H, d = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[2:] != (H, d) or prev.shape != q.shape:
+        raise ValueError(f"k, v (B, Lk, H, d) and prev {tuple(q.shape)} must match q, got k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}, prev {tuple(prev.shape)}")
+    if lse.shape != (B, H, Lq):
+        raise ValueError(f"lse must be ({B}, {H}, {Lq}), got {tuple(lse.shape)}")
+    if d > 128:
+        raise ValueError(f"head dim up to 128 is supported, got {d}")
+    check_tensors(q, k, v, prev, lse)
+    out = torch.empty((B, Lq, H, d), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    block_d = max(16, pow2(d))
+    block_m, block_n = (32, 32) if INTERPRET else (64, 128)
+    _attn_extend_kernel[(B * H, triton.cdiv(Lq, block_m))](
+        q, k, v, out, prev, lse, H, Lq, k.shape[1], d, scale * _LOG2E,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *prev.stride(), *lse.stride(),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == d, IEEE=q.dtype == torch.float32,
+        num_warps=4,
+    )
     return out
 
 

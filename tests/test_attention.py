@@ -37,6 +37,9 @@ def test_backend_choice(monkeypatch, fake_flash):
     assert select_backend("cpu", torch.bfloat16) == "sdpa"
     monkeypatch.setenv("STREAMGEN_ATTENTION", "triton")
     assert select_backend("cuda", torch.float16) == "triton"
+    monkeypatch.setenv("STREAMGEN_ATTENTION", "cudnn")
+    assert select_backend("cuda", torch.float16) == "cudnn"
+    assert select_backend("cuda", torch.float32) == "sdpa"
     monkeypatch.setenv("STREAMGEN_ATTENTION", "bogus")
     with pytest.raises(ValueError, match="STREAMGEN_ATTENTION"):
         select_backend("cuda", torch.float16)
@@ -45,7 +48,7 @@ def test_backend_choice(monkeypatch, fake_flash):
 def test_without_flash_attn(monkeypatch):
     monkeypatch.setitem(sys.modules, "flash_attn", None)  # import fails
     monkeypatch.delenv("STREAMGEN_ATTENTION", raising=False)
-    assert select_backend("cuda", torch.bfloat16) == attn.CUDA_DEFAULT
+    assert select_backend("cuda", torch.bfloat16) == attn.cuda_default()
     monkeypatch.setenv("STREAMGEN_ATTENTION", "flash")
     with pytest.raises(ImportError, match="streamgen\\[flash\\]"):
         select_backend("cuda", torch.bfloat16)
@@ -81,4 +84,32 @@ def test_triton_path_serves_prefix_blocks_in_one_launch(monkeypatch):
     out = attention(q, k, v, Mask.from_runs(visible, [2, 3], [2, 2, 3]))
     assert calls == [[4, 4, 7, 7, 7]]
     dense = visible.repeat_interleave(torch.tensor([2, 3]), 0).repeat_interleave(torch.tensor([2, 2, 3]), 1)
+    torch.testing.assert_close(out, attn._sdpa(q, k, v, dense), rtol=1e-5, atol=1e-5)
+
+
+def test_cudnn_path_gives_cudnn_an_aligned_key_prefix_and_folds_in_the_rest(monkeypatch):
+    """cuDNN (stood in for by float64 torch, this machine has none) sees keys up to a multiple of 128; the rest are
+    folded in by kernels.extend_attention (Triton's interpreter here); prefix blocks of a mask each go that way."""
+    prefixes = []
+
+    def cudnn_with_lse(q, k, v):
+        prefixes.append(k.shape[1])
+        s = (q.double().transpose(1, 2) @ k.double().permute(0, 2, 3, 1)) / q.shape[-1] ** 0.5
+        out = torch.softmax(s, -1) @ v.double().transpose(1, 2)
+        return out.transpose(1, 2).to(q.dtype), torch.logsumexp(s, -1).float()
+
+    monkeypatch.setattr(attn, "_cudnn_with_lse", cudnn_with_lse)
+    monkeypatch.setattr(attn, "select_backend", lambda device_type, dtype: "cudnn")
+    torch.manual_seed(0)
+    for lk, prefix in ((300, [256]), (256, []), (100, [])):  # aligned or shorter than 128: plain SDPA
+        q, k, v = torch.randn(1, 40, 2, 16), torch.randn(1, lk, 2, 16), torch.randn(1, lk, 2, 16)
+        prefixes.clear()
+        torch.testing.assert_close(attention(q, k, v), attn._sdpa(q, k, v), rtol=1e-5, atol=1e-5)
+        assert prefixes == prefix
+    visible = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    q, k, v = torch.randn(1, 50, 2, 16), torch.randn(1, 330, 2, 16), torch.randn(1, 330, 2, 16)
+    prefixes.clear()
+    out = attention(q, k, v, Mask.from_runs(visible, [20, 30], [130, 150, 50]))
+    assert prefixes == [256, 256]  # blocks over 280 and 330 keys
+    dense = visible.repeat_interleave(torch.tensor([20, 30]), 0).repeat_interleave(torch.tensor([130, 150, 50]), 1)
     torch.testing.assert_close(out, attn._sdpa(q, k, v, dense), rtol=1e-5, atol=1e-5)

@@ -14,6 +14,7 @@ interpreter computes bf16 `tl.dot` wrongly).
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -30,7 +31,7 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != 
 import pytest
 
 from kernels._launch import INTERPRET
-from kernels.attention import attention_reference, chunk_attention
+from kernels.attention import attention_reference, chunk_attention, extend_attention
 from kernels.modulate import (
     gated_residual,
     gated_residual_reference,
@@ -288,6 +289,36 @@ def test_chunk_attention_limit_edge_cases():
     for d in (8, 48):
         q, k, v = rand(1, 19, 1, d), rand(1, 35, 1, d), rand(1, 35, 1, d)
         check_attention(chunk_attention(q, k, v), q, k, v)
+
+
+def prefix_result(q, k, v):
+    """Attention over the first keys and its natural-log sum of exp scores (B, H, Lq), in float64."""
+    q, k, v = f64(q, k, v)
+    s = (q.transpose(1, 2) @ k.transpose(1, 2).transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    return (torch.softmax(s, -1) @ v.transpose(1, 2)).transpose(1, 2), torch.logsumexp(s, -1)
+
+
+@pytest.mark.parametrize("dtype", ATTN_DTYPES)
+@pytest.mark.parametrize("shape, tail", [((1, 37, 64, 2, 64), 1), ((2, 45, 128, 3, 32), 37), ((1, 20, 96, 1, 128), 70),
+                                         ((1, 33, 50, 2, 16), 0), ((1, 5, 10, 1, 32), 90)])
+def test_extend_attention_equals_attention_over_all_keys(shape, tail, dtype):
+    """The result over the first keys (as cuDNN returns it: output in the inputs' dtype, lse in fp32) extended by
+    the remaining ones equals attention over all the keys; the tail may span several tiles, or be empty."""
+    B, Lq, Lk, H, d = shape
+    q = rand(B, Lq, H, d, dtype=dtype)
+    k, v = rand(B, Lk + tail, H, d, dtype=dtype), rand(B, Lk + tail, H, d, dtype=dtype)
+    prev, lse = prefix_result(q, k[:, :Lk], v[:, :Lk])
+    out = extend_attention(q, k[:, Lk:], v[:, Lk:], prev.to(dtype), lse.float())
+    check_attention(out, q, k, v)
+
+
+def test_extend_attention_rejects_mismatched_shapes():
+    q, k = rand(1, 8, 2, 32), rand(1, 4, 2, 32)
+    prev, lse = prefix_result(q, k, k)
+    with pytest.raises(ValueError, match="lse must be"):
+        extend_attention(q, k, k, prev.float(), lse.float().transpose(1, 2))
+    with pytest.raises(ValueError, match="must match q"):
+        extend_attention(q, k[..., :16], k[..., :16], prev.float(), lse.float())
 
 
 @pytest.mark.parametrize("blocks", [(16, 16), (32, 32)])
