@@ -113,3 +113,23 @@ def test_cudnn_path_gives_cudnn_an_aligned_key_prefix_and_folds_in_the_rest(monk
     assert prefixes == [256, 256]  # blocks over 280 and 330 keys
     dense = visible.repeat_interleave(torch.tensor([20, 30]), 0).repeat_interleave(torch.tensor([130, 150, 50]), 1)
     torch.testing.assert_close(out, attn._sdpa(q, k, v, dense), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("capability, op_works, expected", [((9, 0), True, "cudnn"), ((9, 0), False, "sdpa"),
+                                                            ((8, 0), True, "sdpa")])
+def test_cuda_default_is_cudnn_on_hopper_when_the_op_answers(monkeypatch, capability, op_works, expected):
+    def op(q, k, v):
+        if not op_works:
+            raise AttributeError("'_OpNamespace' 'aten' object has no attribute '_scaled_dot_product_cudnn_attention'")
+        return q, q[:, :, :, 0]
+
+    real_zeros = torch.zeros
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    monkeypatch.setattr(torch, "zeros", lambda *a, device=None, **kw: real_zeros(*a, **kw))  # no GPU here
+    monkeypatch.setattr(attn, "_cudnn_with_lse", op)
+    attn.cuda_default.cache_clear()
+    try:
+        assert attn.cuda_default() == expected
+    finally:
+        attn.cuda_default.cache_clear()
