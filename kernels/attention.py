@@ -8,6 +8,9 @@ One program owns BLOCK_M queries of one (batch, head). It walks K/V tiles in two
 smallest limit of its queries (and inside Lk) need no mask; tiles up to the largest limit are masked; tiles past
 it are skipped. Softmax is online (running max and sum, exp2 with the scale folded in), accumulation in fp32.
 Rows whose limit is 0 see no key and get 0 (not NaN).
+
+`extend_attention` runs the same tile loop from a result over other keys (normalised output + log-sum-exp, as cuDNN
+returns them): the engine's default on the H100 gives cuDNN the keys up to a multiple of 128 and folds the rest in.
 """
 
 from __future__ import annotations
