@@ -114,7 +114,13 @@ def _cudnn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return _sdpa(q, k, v)
     from kernels import extend_attention
 
-    out, lse = _cudnn_with_lse(q, k[:, :n], v[:, :n])
+    try:
+        out, lse = _cudnn_with_lse(q, k[:, :n], v[:, :n])
+    except RuntimeError as e:  # a shape cuDNN refuses (SDPA would have checked first): SDPA, said once
+        if "cudnn refused" not in _announced:
+            _announced.add("cudnn refused")
+            log.warning("cuDNN attention refused q %s k %s (%s); using SDPA", tuple(q.shape), tuple(k.shape), e)
+        return _sdpa(q, k, v)
     return extend_attention(q, k[:, n:], v[:, n:], out, lse)
 
 

@@ -133,3 +133,16 @@ def test_cuda_default_is_cudnn_on_hopper_when_the_op_answers(monkeypatch, capabi
         assert attn.cuda_default() == expected
     finally:
         attn.cuda_default.cache_clear()
+
+
+def test_cudnn_path_falls_back_to_sdpa_where_cudnn_refuses(monkeypatch, caplog):
+    def refuse(q, k, v):
+        raise RuntimeError("cuDNN Frontend error: No valid execution plans built.")
+
+    monkeypatch.setattr(attn, "_cudnn_with_lse", refuse)
+    monkeypatch.setattr(attn, "_announced", set())
+    q, k, v = torch.randn(1, 9, 2, 16), torch.randn(1, 200, 2, 16), torch.randn(1, 200, 2, 16)
+    with caplog.at_level("WARNING", logger="streamgen"):
+        for _ in range(2):
+            torch.testing.assert_close(attn._cudnn(q, k, v), attn._sdpa(q, k, v))
+    assert sum("cuDNN attention refused" in r.message for r in caplog.records) == 1
