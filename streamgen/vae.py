@@ -174,25 +174,37 @@ def _summed(a: Activation) -> torch.Tensor:
     return out if a.bias is None else out.add_(a.bias.view(-1, 1, 1, 1))
 
 
-def conv_by_frames(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+def conv_by_frames(x: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None,
                    padding: tuple[int, int], sum_taps: bool = True) -> Activation:
     """conv3d(x, weight, bias, stride 1, padding (0, *padding)) of x (B, C, T_in, H, W) with weight (O, C, kt, kh, kw)
     as out[:, :, t] = sum_k conv2d(x[:, :, t + k], weight[:, :, k]): each 2D convolution covers every output frame
-    at once (frames folded into the batch; a view when B = 1 and x is channels-last). Returns (B, O, T, H', W') in
-    x's memory format, or with `sum_taps=False` its `Taps` for the consumer to add as it reads them (cuDNN would
-    add the bias in a broadcast pass of its own: 116 of 800 ms of an H100's 81-frame decode)."""
-    b, c, t_in, h, w = x.shape
+    at once (frames folded into the batch; a view when B = 1 and x is channels-last). For one output frame x may
+    also be its kt input frames as separate (B, C, 1, H, W) tensors. Returns (B, O, T, H', W') in x's memory format,
+    or with `sum_taps=False` its `Taps` for the consumer to add as it reads them (cuDNN would add the bias in a
+    broadcast pass of its own: 116 of 800 ms of an H100's 81-frame decode)."""
     o, kt = weight.shape[:3:2]
-    t = t_in - kt + 1
-    fmt = torch.channels_last if _memory_format(x) == torch.channels_last_3d else torch.contiguous_format
-    frames = x.transpose(1, 2)  # (B, T_in, C, H, W)
-    if o <= 4:  # the RGB conv: one conv of every input frame into all its taps' outputs, summed shifted below
-        return _few_outputs_by_frames(frames, weight, bias, padding, fmt)
+    if isinstance(x, torch.Tensor):
+        b, c, t_in, h, w = x.shape
+        t = t_in - kt + 1
+        frames = x.transpose(1, 2)  # (B, T_in, C, H, W)
+
+        def window(k: int) -> torch.Tensor:
+            return frames[:, k : k + t].reshape(b * t, c, h, w)
+    else:
+        b, c, _, h, w = x[0].shape
+        t = 1
+
+        def window(k: int) -> torch.Tensor:
+            return x[k][:, :, 0]
+
+    first = x if isinstance(x, torch.Tensor) else x[0]
+    fmt = torch.channels_last if _memory_format(first) == torch.channels_last_3d else torch.contiguous_format
+    if o <= 4 and isinstance(x, torch.Tensor):  # the RGB conv: one conv of every input frame into all its taps'
+        return _few_outputs_by_frames(frames, weight, bias, padding, fmt)  # outputs, summed shifted below
     taps: list[torch.Tensor] = []
     for k in range(kt):
         tap = weight[:, :, k].contiguous(memory_format=fmt)
-        y = F.conv2d(frames[:, k : k + t].reshape(b * t, c, h, w), tap, bias if k == 0 and sum_taps else None,
-                     padding=padding)
+        y = F.conv2d(window(k), tap, bias if k == 0 and sum_taps else None, padding=padding)
         if sum_taps and taps:
             taps[0].add_(y)
         else:
@@ -238,12 +250,13 @@ def _frame_format(x: torch.Tensor) -> torch.memory_format:
 class TimeCache:
     """What the temporal layers of one encoder or decoder keep between chunks of one video.
 
-    `past[layer]` holds the last input frames that layer still needs; a layer with no entry sees zeros (or, for a
-    resampler, the start of the video). `started` is False until the first chunk has gone through.
+    `past[layer]` holds the last input frames that layer still needs (a causal conv: one (B, C, 1, H, W) tensor per
+    frame; a temporal downsampler: its last frame); a layer with no entry sees zeros (or, for a resampler, the start
+    of the video). `started` is False until the first chunk has gone through.
     """
 
     def __init__(self) -> None:
-        self.past: dict[nn.Module, torch.Tensor] = {}
+        self.past: dict[nn.Module, torch.Tensor | tuple[torch.Tensor, ...]] = {}
         self.started = False
 
 
@@ -284,19 +297,30 @@ class CausalConv3d(nn.Conv3d):
         [kept frames + chunk] concatenation is made. Keeps the buffer's last frames in `cache` for the next chunk.
         `sum_taps=False`: the frame convolutions' per-tap outputs may come back unsummed (see `conv_by_frames`)."""
         b, c, t, h, w = x.shape
-        p = self.past_frames
-        buffer = torch.empty((b, c, p + t, h, w), dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
-        past = cache.past.get(self) if cache is not None else None
-        if past is None:
-            buffer[:, :, :p].zero_()  # the video start
-        else:
-            buffer[:, :, :p].copy_(past)
+        p, fmt = self.past_frames, _memory_format(x)
+        past = cache.past.get(self) if cache is not None else None  # the kept frames, (B, C, 1, H, W) each
+        if past is None:  # the video start
+            past = (torch.empty((b, c, 1, h, w), dtype=x.dtype, device=x.device, memory_format=fmt).zero_(),) * p
+        by_frames = (_frame_convs and self.stride == (1, 1, 1) and self.groups == 1
+                     and (not x.is_cuda or fmt == torch.channels_last_3d))  # not CUDA channels-first
+        if by_frames and t == 1:
+            # One frame (one-frame decode passes, a video's first latent frame): each tap reads one whole frame, so
+            # the frames stay apart and the kept ones are kept by reference. Copying them in and out was a quarter
+            # of a one-frame-per-pass decode's time on an H100.
+            new = torch.empty((b, c, 1, h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
+            fill(new)
+            frames = (*past, new)
+            if cache is not None:
+                cache.past[self] = frames[-p:]
+            return conv_by_frames(frames, self.weight, self.bias, self.padding[1:], sum_taps)
+        buffer = torch.empty((b, c, p + t, h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
+        for i, frame in enumerate(past):
+            buffer[:, :, i : i + 1].copy_(frame)
         fill(buffer[:, :, p:])
         if cache is not None:
-            cache.past[self] = buffer[:, :, -p:].clone()  # clone: don't pin the whole chunk
-        by_frames = self.stride == (1, 1, 1) and self.groups == 1
-        if _frame_convs and by_frames and (not x.is_cuda or _memory_format(x) == torch.channels_last_3d):
-            return conv_by_frames(buffer, self.weight, self.bias, self.padding[1:], sum_taps)  # not CUDA channels-first
+            cache.past[self] = buffer[:, :, -p:].clone().split(1, dim=2)  # clone: don't pin the whole chunk
+        if by_frames:
+            return conv_by_frames(buffer, self.weight, self.bias, self.padding[1:], sum_taps)
         return super().forward(buffer)
 
 

@@ -193,6 +193,22 @@ def test_causal_conv_cache_equals_full_padded_sequence(conv_path, kernel, paddin
         assert all(c.is_contiguous(memory_format=torch.channels_last_3d) == channels_last for c in chunks)
 
 
+def test_one_frame_chunks_keep_their_frames_by_reference():
+    """One-frame chunks (one-frame decode passes) copy no kept frames: the newest kept frame is the chunk's own input
+    buffer and the older one the previous newest; the result is still the whole sequence's."""
+    torch.manual_seed(0)
+    conv = CausalConv3d(3, 5, 3, padding=1).double()
+    x = torch.randn(1, 3, 4, 6, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last_3d)
+    cache, kept, chunks = TimeCache(), [], []
+    for frame in x.split(1, dim=2):
+        chunks.append(conv(frame, cache))
+        kept.append(cache.past[conv])
+    for before, after, frame in zip(kept, kept[1:], x.split(1, dim=2)[1:]):
+        assert after[0] is before[1] and torch.equal(after[1], frame)
+    full = F.conv3d(F.pad(x, (1, 1, 1, 1, 2, 0)), conv.weight, conv.bias)
+    torch.testing.assert_close(torch.cat(chunks, 2), full, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_streaming_decode_by_frames_equals_the_conv3d_path(vae64, channels_last):
     gen = torch.Generator().manual_seed(3)
