@@ -155,7 +155,8 @@ def set_frame_convs(enabled: bool) -> None:
 @dataclass
 class Taps:
     """A convolution's output not yet summed: its per-tap outputs (fresh tensors of one shape) and its bias (C,),
-    for the kernel that reads them next to add (the norm of the next conv, the residual sum)."""
+    for the kernel that reads them next to add (the norm of the next conv, the residual sum). Read once: a norm
+    drops the parts once it has read them, so they free their memory while the next conv runs."""
 
     parts: list[torch.Tensor]
     bias: torch.Tensor | None
@@ -297,23 +298,24 @@ class CausalConv3d(nn.Conv3d):
         [kept frames + chunk] concatenation is made. Keeps the buffer's last frames in `cache` for the next chunk.
         `sum_taps=False`: the frame convolutions' per-tap outputs may come back unsummed (see `conv_by_frames`)."""
         b, c, t, h, w = x.shape
-        p, fmt = self.past_frames, _memory_format(x)
-        past = cache.past.get(self) if cache is not None else None  # the kept frames, (B, C, 1, H, W) each
-        if past is None:  # the video start
-            past = (torch.empty((b, c, 1, h, w), dtype=x.dtype, device=x.device, memory_format=fmt).zero_(),) * p
+        p, fmt, like = self.past_frames, _memory_format(x), dict(dtype=x.dtype, device=x.device)
         by_frames = (_frame_convs and self.stride == (1, 1, 1) and self.groups == 1
                      and (not x.is_cuda or fmt == torch.channels_last_3d))  # not CUDA channels-first
+        del x  # a conv tap `fill` reads (and frees) must not outlive it here
+        past = cache.past.get(self) if cache is not None else None  # the kept frames, (B, C, 1, H, W) each
+        if past is None:  # the video start
+            past = (torch.empty((b, c, 1, h, w), **like, memory_format=fmt).zero_(),) * p
         if by_frames and t == 1:
             # One frame (one-frame decode passes, a video's first latent frame): each tap reads one whole frame, so
             # the frames stay apart and the kept ones are kept by reference. Copying them in and out was a quarter
             # of a one-frame-per-pass decode's time on an H100.
-            new = torch.empty((b, c, 1, h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
+            new = torch.empty((b, c, 1, h, w), **like, memory_format=fmt)
             fill(new)
             frames = (*past, new)
             if cache is not None:
                 cache.past[self] = frames[-p:]
             return conv_by_frames(frames, self.weight, self.bias, self.padding[1:], sum_taps)
-        buffer = torch.empty((b, c, p + t, h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
+        buffer = torch.empty((b, c, p + t, h, w), **like, memory_format=fmt)
         for i, frame in enumerate(past):
             buffer[:, :, i : i + 1].copy_(frame)
         fill(buffer[:, :, p:])
@@ -339,20 +341,25 @@ class RMSNorm(nn.Module):
         if _fused(taps.parts[0]):
             from kernels.vae_ops import channel_rms_norm
 
-            return channel_rms_norm(taps.parts[0], self.gamma, silu=silu, out=out, addends=taps.parts[1:],
-                                    shift=taps.bias)
-        x = _summed(x)
-        y = F.normalize(x, dim=1) * self.scale * self.gamma.view(-1, *(1,) * (x.dim() - 2))
-        if silu:
-            y = F.silu(y)
-        return y if out is None else out.copy_(y)
+            y = channel_rms_norm(taps.parts[0], self.gamma, silu=silu, out=out, addends=taps.parts[1:],
+                                 shift=taps.bias)
+        else:
+            h = _summed(x)
+            y = F.normalize(h, dim=1) * self.scale * self.gamma.view(-1, *(1,) * (h.dim() - 2))
+            if silu:
+                y = F.silu(y)
+            y = y if out is None else out.copy_(y)
+        if isinstance(x, Taps):
+            x.parts.clear()  # read: free them (the caching allocator reuses them in stream order, so it is safe)
+        return y
 
 
 def _norm_silu_conv(norm: RMSNorm, conv: CausalConv3d, x: Activation, cache: TimeCache | None,
                     sum_taps: bool = True) -> Activation:
-    """conv(silu(norm(x))), the norm writing its output straight into the conv's input."""
-    like = x if isinstance(x, torch.Tensor) else x.parts[0]
-    return conv.convolve(like, lambda out: norm(x, silu=True, out=out), cache, sum_taps)
+    """conv(silu(norm(x))), the norm writing its output straight into the conv's input (and dropping x's parts when
+    they are Taps, so that they are gone before the conv allocates its own)."""
+    return conv.convolve(x if isinstance(x, torch.Tensor) else x.parts[0], lambda out: norm(x, silu=True, out=out),
+                         cache, sum_taps)
 
 
 class ResidualBlock(nn.Module):

@@ -225,6 +225,32 @@ def test_streaming_decode_by_frames_equals_the_conv3d_path(vae64, channels_last)
     torch.testing.assert_close(outs[True], outs[False], rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("pass_frames", [None, 1])
+def test_fused_decode_with_lazy_taps_equals_the_torch_path(vae, monkeypatch, pass_frames):
+    """The CUDA inference path (Triton norm and sum kernels, run here in Triton's interpreter; conv taps left unsummed
+    for the kernels that read them, and dropped once read) decodes the frames of the torch path."""
+    from streamgen import vae as vae_module
+
+    z = latents(5)
+    vae.to_channels_last(True)
+    vae.decode_pass_frames = pass_frames
+    try:
+        expected = vae.decode(z, [1, 2, 2])
+        monkeypatch.setattr(vae_module, "_fused", lambda x: not torch.is_grad_enabled())
+        got = vae.decode(z, [1, 2, 2])
+    finally:
+        vae.to_channels_last(False)
+        vae.decode_pass_frames = None
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+
+
+def test_a_norm_drops_the_taps_it_read():
+    parts = [torch.randn(1, 6, 2, 3, 4) for _ in range(3)]
+    taps = Taps(parts, None)
+    RMSNorm(6)(taps)
+    assert taps.parts == []
+
+
 def test_norm_of_unsummed_taps_equals_norm_of_their_sum():
     g = torch.Generator().manual_seed(5)
     parts = [torch.randn(1, 6, 2, 3, 4, generator=g, dtype=torch.float64) for _ in range(3)]
