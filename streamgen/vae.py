@@ -184,28 +184,23 @@ def conv_by_frames(x: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tenso
     or with `sum_taps=False` its `Taps` for the consumer to add as it reads them (cuDNN would add the bias in a
     broadcast pass of its own: 116 of 800 ms of an H100's 81-frame decode)."""
     o, kt = weight.shape[:3:2]
+    fmt = (torch.channels_last if _memory_format(x if isinstance(x, torch.Tensor) else x[0]) == torch.channels_last_3d
+           else torch.contiguous_format)
     if isinstance(x, torch.Tensor):
         b, c, t_in, h, w = x.shape
         t = t_in - kt + 1
         frames = x.transpose(1, 2)  # (B, T_in, C, H, W)
-
-        def window(k: int) -> torch.Tensor:
-            return frames[:, k : k + t].reshape(b * t, c, h, w)
-    else:
+        if o <= 4:  # the RGB conv: one conv of every input frame into all its taps' outputs, summed shifted below
+            return _few_outputs_by_frames(frames, weight, bias, padding, fmt)
+        windows = (frames[:, k : k + t].reshape(b * t, c, h, w) for k in range(kt))  # one at a time: B > 1 copies
+    else:  # one output frame, from kt separate input frames
         b, c, _, h, w = x[0].shape
         t = 1
-
-        def window(k: int) -> torch.Tensor:
-            return x[k][:, :, 0]
-
-    first = x if isinstance(x, torch.Tensor) else x[0]
-    fmt = torch.channels_last if _memory_format(first) == torch.channels_last_3d else torch.contiguous_format
-    if o <= 4 and isinstance(x, torch.Tensor):  # the RGB conv: one conv of every input frame into all its taps'
-        return _few_outputs_by_frames(frames, weight, bias, padding, fmt)  # outputs, summed shifted below
+        windows = (frame[:, :, 0] for frame in x)
     taps: list[torch.Tensor] = []
-    for k in range(kt):
+    for k, window in enumerate(windows):
         tap = weight[:, :, k].contiguous(memory_format=fmt)
-        y = F.conv2d(window(k), tap, bias if k == 0 and sum_taps else None, padding=padding)
+        y = F.conv2d(window, tap, bias if k == 0 and sum_taps else None, padding=padding)
         if sum_taps and taps:
             taps[0].add_(y)
         else:
