@@ -21,15 +21,18 @@ keeps, per layer, the last input frames it still needs (`TimeCache`) and runs ea
 
 Memory traffic, not arithmetic, is most of what is left to save around the convs. A causal conv's input is built in
 one buffer: the kept frames (or zeros) are copied to its head and the layer before it writes the chunk straight into
-its tail (`CausalConv3d.convolve`), so no [kept frames + chunk] concatenation is made. On CUDA without autograd
+its tail (`CausalConv3d.convolve`), so no [kept frames + chunk] concatenation is made; a one-frame chunk skips the
+buffer (each tap then reads one whole frame) and its kept frames are kept by reference. On CUDA without autograd
 the RMS norm (+ SiLU) is one Triton kernel (`kernels/vae_ops.py`) that writes there; `set_fused_kernels(False)`
 selects the plain torch ops, which autograd and CPUs always use. Every step keeps the activations' memory format, so
 `WanVAE.to_channels_last()` runs the whole network channels-last (cuDNN's native layout) without layout changes.
 There, and on CPUs, each causal 3D convolution runs as a sum of 2D convolutions over whole frames
 (`set_frame_convs`): the 2D kernels beat the 3D ones (measured on an H100 and on a 2-core CPU). In a residual block
 on CUDA those per-tap outputs and the conv's bias are left unsummed (`Taps`) for the kernel that reads them next to
-add (the next norm, the residual sum), and each nearest-2x upsampling + 3x3 conv runs as one 2x2-phase convolution
-(`upsample2x_conv`). Timings: benchmarks/RESULTS.md.
+add (the next norm, the residual sum), which drops them once read, and each nearest-2x upsampling + 3x3 conv runs as
+one 2x2-phase convolution (`upsample2x_conv`). The blocks after the last temporal upsampler can take a chunk a few
+frames at a time (`WanVAE.decode_pass_frames`): they hold the full-resolution activations. Timings:
+benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
