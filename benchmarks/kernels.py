@@ -7,7 +7,9 @@ torch baseline's own error), time kernel and baseline with ``triton.testing.do_b
 engine would run them) and ``scaled_dot_product_attention`` on (B, H, L, d) copies made outside the timed region
 (for the chunk-causal refresh: one SDPA call per block of queries, concatenated, as the engine's SDPA path runs it).
 Each attention case has a second row, the engine's ``cudnn`` backend (cuDNN over the keys up to a multiple of 128,
-the rest folded in by ``kernels.extend_attention``) against the same SDPA baseline.
+the rest folded in by ``kernels.extend_attention``) against the same SDPA baseline; each denoising case a third,
+``cudnn apart``: the same keys as a cached context and the chunk's own tokens held apart, as the engine denoises
+(cuDNN over each one's aligned prefix, one merge).
 
 Default shapes: Wan2.1 1.3B (H=12, d=128), one chunk of 3 latent frames at 480x832 (Lq = 3 x 1560 = 4680 tokens),
 keys = own chunk + full cache of 2 chunks (9360) + k compressed frames (390 tokens each); plus the chunk-causal
@@ -199,10 +201,14 @@ def main(argv=None) -> int:
             def cudnn_aligned():
                 return engine_attention(q, k, v, mask)
 
+            def cudnn_apart():  # as the engine denoises: the context (cache) and the chunk's own tokens held apart
+                return engine_attention(q, k[:, -lq:], v[:, -lq:], context=(k[:, :-lq], v[:, :-lq]))
+
             out = chunk_attention(q, k, v, kv_limit)  # also runs the autotuner for this shape
             best = getattr(attn_mod._attn_fwd_tuned, "best_config", None)
             base = library().transpose(1, 2)
             e, be, ce = errors(out, ref), errors(base, ref), errors(cudnn_aligned(), ref)
+            ae = errors(cudnn_apart(), ref) if blocks is None else None
             del ref, base
             seen = lq * lk if kv_limit is None else int(kv_limit.long().sum())
             flops = 4 * B * H * d * seen
@@ -212,9 +218,13 @@ def main(argv=None) -> int:
                     **e, "base_max_abs_err": be["max_abs_err"], "base_rel_err": be["rel_err"],
                     "config": str(best) if best is not None else None})
             t = timings(cudnn_aligned, library, flops)
-            del os.environ["STREAMGEN_ATTENTION"]
             report({"name": f"{name}, cudnn", "shape": shape, "unit": "TFLOP/s", "flops": flops, **t, **ce,
                     "base_max_abs_err": be["max_abs_err"], "base_rel_err": be["rel_err"]})
+            if blocks is None:
+                t = timings(cudnn_apart, library, flops)
+                report({"name": f"{name}, cudnn apart", "shape": shape, "unit": "TFLOP/s", "flops": flops, **t,
+                        **ae, "base_max_abs_err": be["max_abs_err"], "base_rel_err": be["rel_err"]})
+            del os.environ["STREAMGEN_ATTENTION"]
 
         for cf in args.compressed_frames:
             lk = Lq + full + cf * COMPRESSED_FRAME_TOKENS

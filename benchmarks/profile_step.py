@@ -173,7 +173,7 @@ def main() -> None:
     finals = {i: torch.randn(1, 16, n, 60, 104, device=device) for i, n in enumerate(sizes)}
     text = model.encode_text(torch.randn(1, 512, cfg.text_dim, device=device, dtype=torch.bfloat16))
     layouts = [context_layout(sizes, k, cfg.full_chunk_limit) for k in range(len(sizes))]
-    cache = KVCache.for_layouts(model, 1, 60, 104, [(layout, 3 * 1560) for layout in layouts])
+    cache = KVCache.for_layouts(model, 1, 60, 104, layouts)
 
     def refresh():
         cache.refresh(layouts[args.chunk - 1], finals.__getitem__, text)

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from distill.losses import Denoiser, Stage1Settings, noisy, shift_times, stage1_loss
-from streamgen.cache import Entry, KVCache, context_layout, entry_tokens
+from streamgen.cache import KVCache, context_layout
 from streamgen.engine import chunk_sizes
 from streamgen.model import CausalWanTransformer, Run
 from streamgen.schedule import T_MAX, jump, shifted_times
@@ -58,15 +58,14 @@ def rollout(model: CausalWanTransformer, text: Tensor, noise: Tensor, jumps: lis
     cfg = model.config
     b, _, frames, h, w = noise.shape
     sizes = chunk_sizes(cfg.chunk_partition, frames)
-    contexts = [(context_layout(sizes, j, cfg.full_chunk_limit), entry_tokens(model, Entry(j, 0, n, False), h, w))
-                for j, n in enumerate(sizes)]
+    contexts = [context_layout(sizes, j, cfg.full_chunk_limit) for j in range(len(sizes))]
     cache = KVCache.for_layouts(model, b, h, w, contexts)
     final: dict[int, Tensor] = {}
     out, start = [], 0
     try:
         for j, size in enumerate(sizes):
             if j:
-                cache.refresh(contexts[j][0], final.__getitem__, text)
+                cache.refresh(contexts[j], final.__getitem__, text)
             z, past = noise[:, :, start:start + size].float(), cache.past()
             for t, r, grad in jumps:
                 with torch.set_grad_enabled(grad and torch.is_grad_enabled()):

@@ -9,13 +9,15 @@ smallest limit of its queries (and inside Lk) need no mask; tiles up to the larg
 it are skipped. Softmax is online (running max and sum, exp2 with the scale folded in), accumulation in fp32.
 Rows whose limit is 0 see no key and get 0 (not NaN).
 
-`extend_attention` runs the same tile loop from a result over other keys (normalised output + log-sum-exp, as cuDNN
-returns them): the engine's default on the H100 gives cuDNN the keys up to a multiple of 128 and folds the rest in.
+`extend_attention` runs the same tile loop from results over other keys (normalised output + log-sum-exp, as cuDNN
+returns them; two are merged first): the engine's default on the H100 gives cuDNN the keys up to a multiple of 128
+(of a cached context and of a chunk's own tokens, which it keeps apart) and folds the rest in.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -204,19 +206,24 @@ def _attn_combine_kernel(
 
 @triton.jit
 def _attn_extend_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, prev_ptr, lse_ptr,
-    H, Lq, Lk, head_dim, qk_scale,
+    q_ptr, k1_ptr, v1_ptr, k2_ptr, v2_ptr, o_ptr, p1_ptr, lse1_ptr, p2_ptr, lse2_ptr,
+    H, Lq, L1, L2, head_dim, qk_scale,
     stride_qb, stride_qm, stride_qh, stride_qd,
-    stride_kb, stride_kn, stride_kh, stride_kd,
-    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_k1b, stride_k1n, stride_k1h, stride_k1d,
+    stride_v1b, stride_v1n, stride_v1h, stride_v1d,
+    stride_k2b, stride_k2n, stride_k2h, stride_k2d,
+    stride_v2b, stride_v2n, stride_v2h, stride_v2d,
     stride_ob, stride_om, stride_oh, stride_od,
-    stride_pb, stride_pm, stride_ph, stride_pd,
-    stride_lb, stride_lh, stride_lm,
+    stride_p1b, stride_p1m, stride_p1h, stride_p1d,
+    stride_p2b, stride_p2m, stride_p2h, stride_p2d,
+    stride_l1b, stride_l1h, stride_l1m,
+    stride_l2b, stride_l2h, stride_l2m,
+    PARTIALS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """Grid (B*H, cdiv(Lq, BLOCK_M)): start the online softmax from an attention result over other keys (prev,
-    normalised, with its natural-log sum of exp scores lse: in log2 units the running max is lse * log2(e) and the
-    running sum 1) and fold keys [0, Lk) into it."""
+    """Grid (B*H, cdiv(Lq, BLOCK_M)): start the online softmax from PARTIALS (0-2) attention results over other keys
+    (each normalised, with its natural-log sum of exp scores lse: in log2 units its running max is lse * log2(e) and
+    its running sum 1), then fold in keys [0, L1) of the first segment and [0, L2) of the second."""
     bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -226,16 +233,36 @@ def _attn_extend_kernel(
     mask = row_ok[:, None]
     if not EVEN_D:
         mask = mask & (offs_d[None, :] < head_dim)
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=mask, other=0.0)
-    acc = tl.load(prev_ptr + b * stride_pb + h * stride_ph + rows[:, None] * stride_pm + offs_d[None, :] * stride_pd,
-                  mask=mask, other=0.0).to(tl.float32)
-    lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + rows * stride_lm, mask=row_ok, other=0.0)
-    m_i = lse.to(tl.float32) * 1.4426950408889634
-    l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+    tile = rows[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + tile, mask=mask, other=0.0)
+    if PARTIALS == 0:
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    else:
+        acc = tl.load(p1_ptr + b * stride_p1b + h * stride_p1h + rows[:, None] * stride_p1m
+                      + offs_d[None, :] * stride_p1d, mask=mask, other=0.0).to(tl.float32)
+        lse = tl.load(lse1_ptr + b * stride_l1b + h * stride_l1h + rows * stride_l1m, mask=row_ok, other=0.0)
+        m_i = lse.to(tl.float32) * 1.4426950408889634
+        l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+    if PARTIALS == 2:
+        other = tl.load(p2_ptr + b * stride_p2b + h * stride_p2h + rows[:, None] * stride_p2m
+                        + offs_d[None, :] * stride_p2d, mask=mask, other=0.0).to(tl.float32)
+        lse = tl.load(lse2_ptr + b * stride_l2b + h * stride_l2h + rows * stride_l2m, mask=row_ok, other=0.0)
+        m_2 = lse.to(tl.float32) * 1.4426950408889634
+        m_new = tl.maximum(m_i, m_2)
+        w_1, w_2 = tl.exp2(m_i - m_new), tl.exp2(m_2 - m_new)
+        acc = acc * w_1[:, None] + other * w_2[:, None]
+        l_i = w_1 + w_2
+        m_i = m_new
     acc, l_i, m_i = _attn_tiles(
-        acc, l_i, m_i, q, rows, k_ptr + b * stride_kb + h * stride_kh, v_ptr + b * stride_vb + h * stride_vh,
-        stride_kn, stride_kd, stride_vn, stride_vd, 0, Lk, Lk, head_dim, qk_scale,
+        acc, l_i, m_i, q, rows, k1_ptr + b * stride_k1b + h * stride_k1h, v1_ptr + b * stride_v1b + h * stride_v1h,
+        stride_k1n, stride_k1d, stride_v1n, stride_v1d, 0, L1, L1, head_dim, qk_scale,
+        BLOCK_N, BLOCK_D, True, False, EVEN_D, IEEE,
+    )
+    acc, l_i, m_i = _attn_tiles(
+        acc, l_i, m_i, q, rows, k2_ptr + b * stride_k2b + h * stride_k2h, v2_ptr + b * stride_v2b + h * stride_v2h,
+        stride_k2n, stride_k2d, stride_v2n, stride_v2d, 0, L2, L2, head_dim, qk_scale,
         BLOCK_N, BLOCK_D, True, False, EVEN_D, IEEE,
     )
     _store_normalized(o_ptr, acc, l_i, b, h, rows, offs_d, stride_ob, stride_om, stride_oh, stride_od, mask)
@@ -362,33 +389,47 @@ def chunk_attention(
     return out
 
 
-def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prev: torch.Tensor, lse: torch.Tensor,
+def extend_attention(q: torch.Tensor, keys: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                     partials: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
                      scale: float | None = None) -> torch.Tensor:
-    """Attention of q (B, Lq, H, d) over [earlier keys + k, v (B, Lk, H, d)], given `prev` (B, Lq, H, d), its result
-    over the earlier keys alone, and `lse` (B, H, Lq), their natural-log sum of exp(scaled scores) (what
-    FlashAttention-style kernels return as softmax_lse). For a few trailing keys: cuDNN attention is 8-9% faster over
-    a key count that is a multiple of 128 (H100), so the engine gives it that prefix and folds the rest in here, one
-    tile of keys per query tile. Returns (B, Lq, H, d) in q.dtype; any strides."""
+    """Attention of q (B, Lq, H, d) over the union of some key sets, given `partials`: up to two results over some
+    of them, each a (prev (B, Lq, H, d), lse (B, H, Lq)) pair, its output and the natural-log sum of exp(scaled
+    scores) (what cuDNN and FlashAttention-style kernels return), and `keys`: up to two further (k, v) segments
+    (B, Lk, H, d), folded in here one tile at a time. For a few trailing keys: cuDNN attention is 8-9% faster over
+    a key count that is a multiple of 128 (H100), so the engine gives it those prefixes (of the cached context and
+    of the chunk's own tokens, kept apart) and folds the rest in here. Returns (B, Lq, H, d) in q.dtype; any
+    strides."""
     B, Lq, H, d = q.shape
-    if k.shape != v.shape or k.shape[0] != B or k.shape[2:] != (H, d) or prev.shape != q.shape:
-        raise ValueError(f"k, v (B, Lk, H, d) and prev {tuple(q.shape)} must match q, got k {tuple(k.shape)}, "
-                         f"v {tuple(v.shape)}, prev {tuple(prev.shape)}")
-    if lse.shape != (B, H, Lq):
-        raise ValueError(f"lse must be ({B}, {H}, {Lq}), got {tuple(lse.shape)}")
+    if not 1 <= len(keys) <= 2 or len(partials) > 2:
+        raise ValueError(f"one or two key segments and at most two partial results, got {len(keys)}, "
+                         f"{len(partials)}")
+    for k, v in keys:
+        if k.shape != v.shape or k.shape[0] != B or k.shape[2:] != (H, d):
+            raise ValueError(f"k, v must be (B, Lk, H, d) matching q {tuple(q.shape)}, got k {tuple(k.shape)}, "
+                             f"v {tuple(v.shape)}")
+    for prev, lse in partials:
+        if prev.shape != q.shape:
+            raise ValueError(f"a partial result must match q {tuple(q.shape)}, got {tuple(prev.shape)}")
+        if lse.shape != (B, H, Lq):
+            raise ValueError(f"lse must be ({B}, {H}, {Lq}), got {tuple(lse.shape)}")
     if d > 128:
         raise ValueError(f"head dim up to 128 is supported, got {d}")
-    check_tensors(q, k, v, prev, lse)
+    check_tensors(q, *(t for pair in (*keys, *partials) for t in pair))
     out = torch.empty((B, Lq, H, d), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
+    (k1, v1), (k2, v2) = keys[0], keys[-1]
+    L2 = k2.shape[1] if len(keys) == 2 else 0
+    (p1, lse1), (p2, lse2) = (partials[0], partials[-1]) if partials else ((q, q[:, 0]), (q, q[:, 0]))
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     block_d = max(16, pow2(d))
     block_m, block_n = (32, 32) if INTERPRET else (64, 128)
     _attn_extend_kernel[(B * H, triton.cdiv(Lq, block_m))](
-        q, k, v, out, prev, lse, H, Lq, k.shape[1], d, scale * _LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *prev.stride(), *lse.stride(),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == d, IEEE=q.dtype == torch.float32,
-        num_warps=4,
+        q, k1, v1, k2, v2, out, p1, lse1, p2, lse2, H, Lq, k1.shape[1], L2, d, scale * _LOG2E,
+        *q.stride(), *k1.stride(), *v1.stride(), *k2.stride(), *v2.stride(), *out.stride(), *p1.stride(),
+        *p2.stride(), *lse1.stride(), *lse2.stride(),
+        PARTIALS=len(partials), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == d,
+        IEEE=q.dtype == torch.float32, num_warps=4,
     )
     return out
 

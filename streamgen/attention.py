@@ -9,6 +9,9 @@ Backends, for 16-bit CUDA tensors: flash-attn when it is installed, else `STREAM
 kernel in `kernels/attention.py`; `sdpa`: torch's scaled_dot_product_attention; `cudnn`: SDPA's cuDNN kernel over the
 keys up to a multiple of 128, the rest folded in by `kernels.extend_attention`), else the measured default below.
 Everything else (CPU, fp32, dense masks) runs on SDPA.
+
+A denoising chunk attends over a cached context and its own tokens, which `attention` takes apart (`context`): the
+KV cache then holds the context only.
 """
 
 from __future__ import annotations
@@ -105,23 +108,38 @@ def _cudnn_with_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     return out.transpose(1, 2), lse.squeeze(-1) if lse.dim() == 4 else lse
 
 
-def _cudnn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """cuDNN runs 8-9% faster over a key count that is a multiple of 128 (H100, 4680 queries: 0.90 ms over 17,536
-    keys, 0.98 over 17,550), and the engine's contexts (390- and 1560-token frames) rarely are: cuDNN takes that
-    prefix, a small kernel folds in the last < 128 keys."""
-    n = k.shape[1] - k.shape[1] % 128
-    if n == 0 or n == k.shape[1]:
-        return _sdpa(q, k, v)
+def _cudnn(q: Tensor, *sources: tuple[Tensor, Tensor]) -> Tensor:
+    """Attention over the keys of one or two (k, v) sources (a cached context and a chunk's own tokens, held apart).
+
+    cuDNN runs 8-9% faster over a key count that is a multiple of 128 (H100, 4680 queries: 0.90 ms over 17,536
+    keys, 0.98 over 17,550), and the engine's contexts (390- and 1560-token frames) rarely are: cuDNN takes each
+    source's longest such prefix, and one small kernel merges those results and folds in the last < 128 keys of
+    each."""
+    lengths = [k.shape[1] for k, _ in sources]
+    if max(lengths) < 128 or (len(sources) == 1 and lengths[0] % 128 == 0):  # nothing to fold in: plain SDPA
+        return _sdpa(q, *_joined(sources))
     from kernels import extend_attention
 
+    partials, tails = [], []
     try:
-        out, lse = _cudnn_with_lse(q, k[:, :n], v[:, :n])
+        for (k, v), n in zip(sources, lengths):
+            n -= n % 128
+            if n:
+                partials.append(_cudnn_with_lse(q, k[:, :n], v[:, :n]))
+            tails.append((k[:, n:], v[:, n:]))
     except RuntimeError as e:  # a shape cuDNN refuses (SDPA would have checked first): SDPA, said once
         if "cudnn refused" not in _announced:
             _announced.add("cudnn refused")
             log.warning("cuDNN attention refused q %s k %s (%s); using SDPA", tuple(q.shape), tuple(k.shape), e)
-        return _sdpa(q, k, v)
-    return extend_attention(q, k[:, n:], v[:, n:], out, lse)
+        return _sdpa(q, *_joined(sources))
+    return extend_attention(q, tails, partials)
+
+
+def _joined(sources: tuple[tuple[Tensor, Tensor], ...]) -> tuple[Tensor, Tensor]:
+    """One (k, v) over the sources' keys in order: a copy, unless there is one source."""
+    if len(sources) == 1:
+        return sources[0]
+    return torch.cat([k for k, _ in sources], dim=1), torch.cat([v for _, v in sources], dim=1)
 
 
 def _triton(q: Tensor, k: Tensor, v: Tensor, kv_limit: Tensor | None = None) -> Tensor:
@@ -130,15 +148,26 @@ def _triton(q: Tensor, k: Tensor, v: Tensor, kv_limit: Tensor | None = None) -> 
     return chunk_attention(q, k, v, kv_limit)
 
 
-_KERNELS = {"sdpa": _sdpa, "triton": _triton, "cudnn": _cudnn, "flash": lambda q, k, v: _flash_attn_func()(q, k, v)}
+_KERNELS = {"sdpa": _sdpa, "triton": _triton, "cudnn": lambda q, k, v: _cudnn(q, (k, v)),
+            "flash": lambda q, k, v: _flash_attn_func()(q, k, v)}
 _announced: set[str] = set()
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: Mask | None = None) -> Tensor:
-    """softmax(q k^T / sqrt(d)) v over (B, L, H, d) tensors; `mask=None` means every query sees every key."""
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Mask | None = None,
+              context: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v over (B, L, H, d) tensors; `mask=None` means every query sees every key.
+
+    `context`: (keys, values) that come before k and v (a KV cache's context, kept apart from a chunk's own tokens
+    so the cache needs no room for them); `mask` then covers [context + k]. The cudnn backend reads the two in
+    place; the others attend over their concatenation (a copy).
+    """
+    backend = select_backend(q.device.type, q.dtype)
+    if context is not None:
+        if mask is None and backend == "cudnn":
+            return _cudnn(q, context, (k, v))
+        k, v = _joined((context, (k, v)))
     if mask is not None and mask.dense is not None:
         return _sdpa(q, k, v, mask.dense)
-    backend = select_backend(q.device.type, q.dtype)
     if backend not in _announced:
         _announced.add(backend)
         log.info("attention backend: %s", backend)

@@ -165,9 +165,8 @@ class KVCache:
                  pool: BufferPool | None = None):
         """Buffers of `capacity_tokens` tokens per layer for a `height` x `width` latent video.
 
-        Capacity covers the context plus the tokens of the chunk attending to it: a forward pass writes its own
-        keys and values right after the context (see `Past`). With a `pool` the buffers come from it and go back
-        to it on `release`.
+        Capacity covers the context only: a denoising chunk's own keys and values stay out of the buffers (see
+        `Past`). With a `pool` the buffers come from it and go back to it on `release`.
         """
         cfg = model.config
         self.model = model
@@ -182,11 +181,9 @@ class KVCache:
 
     @classmethod
     def for_layouts(cls, model: CausalWanTransformer, batch: int, height: int, width: int,
-                    contexts: Iterable[tuple[list[Entry], int]], pool: BufferPool | None = None) -> KVCache:
-        """A cache just large enough for each context layout with the tokens of the chunk that attends to it (the
-        largest context and the largest chunk need not meet: FAR's last chunk is often the short one)."""
-        need = max((sum(entry_tokens(model, e, height, width) for e in layout) + chunk for layout, chunk in contexts),
-                   default=0)
+                    layouts: Iterable[list[Entry]], pool: BufferPool | None = None) -> KVCache:
+        """A cache just large enough for the largest of these context layouts."""
+        need = max((sum(entry_tokens(model, e, height, width) for e in layout) for layout in layouts), default=0)
         return cls(model, batch, height, width, need, pool)
 
     @property
@@ -266,7 +263,8 @@ class KVCache:
         runs = [Run(latents_of(e.chunk), zero, zero, e.first_frame, e.compressed) for e in todo]
         chunks = torch.tensor([e.chunk for e in todo])
         visible = chunks[None, :] <= chunks[:, None]  # chunk-causal among the recomputed entries
-        self.model(runs, text, visible=visible, past=self.past(), want_velocity=False)  # writes K/V in place
+        past = Past(self.keys, self.values, self.length, store=True)
+        self.model(runs, text, visible=visible, past=past, want_velocity=False)  # writes K/V in place
         self.entries = list(layout)
         self.length += sum(self.tokens(e) for e in todo)
         return len(todo)

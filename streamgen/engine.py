@@ -13,7 +13,6 @@ positions re-indexed into the trained range, in preallocated buffers (see `strea
 
 from __future__ import annotations
 
-import math
 import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from streamgen.cache import BufferPool, Entry, KVCache, context_layout, entry_tokens, window_layout
+from streamgen.cache import BufferPool, Entry, KVCache, context_layout, window_layout
 from streamgen.model import CausalWanTransformer, Past, Run
 from streamgen.schedule import Schedule, as_schedule, jump
 
@@ -265,8 +264,7 @@ class Generator:
         rows = [s.batch for s in streams]
         z = torch.cat([b.z for b in begun])
         keys, values = first.cache.keys, first.cache.values
-        tokens = first.model.token_grid(begun[0].z, compressed=False)
-        shape = (keys.shape[0], sum(rows), n + math.prod(tokens), *keys.shape[3:])
+        shape = (keys.shape[0], sum(rows), n, *keys.shape[3:])
         batch_keys = self.buffers.take(shape, keys.dtype, keys.device)
         batch_values = self.buffers.take(shape, values.dtype, values.device)
         try:
@@ -383,10 +381,8 @@ class LatentStream:
                 layouts.append(layout)
         else:
             layouts = [context_layout(self.sizes, k, cfg.full_chunk_limit) for k in range(len(self.sizes))]
-        contexts = [(layout, entry_tokens(model, Entry(k, 0, self.chunk_size(k), False), height, width))
-                    for k, layout in enumerate(layouts)]
         self.text = model.encode_text(prompt_embeds.to(self.device))
-        self.cache: KVCache | None = KVCache.for_layouts(model, batch, height, width, contexts, generator.buffers)
+        self.cache: KVCache | None = KVCache.for_layouts(model, batch, height, width, layouts, generator.buffers)
         self.final: dict[int, Tensor] = {}  # latents of the chunks the cache may have to (re)encode
         self.layout: list[Entry] = []  # the context of the next chunk, once it is refreshed
         self.index = 0  # next chunk

@@ -60,14 +60,15 @@ class Run:
 class Past:
     """Cached context: per layer key/value buffers (B, capacity, H, d) whose first `length` tokens are the context.
 
-    Keys are stored rotated at their positions. Without autograd, a forward pass writes its new tokens' keys and
-    values into the slot right after the context and attends over one contiguous view (no concatenation); that
-    slot is scratch until the cache commits it.
+    Keys are stored rotated at their positions. A forward pass attends over the context and its own tokens; with
+    `store` (the cache refresh, whose tokens become context) it writes their keys and values right after the
+    context first and attends over one contiguous view, else (a denoising step) they stay out of the buffers.
     """
 
     keys: list[Tensor] | Tensor
     values: list[Tensor] | Tensor
     length: int
+    store: bool = False
 
 
 @dataclass
@@ -245,7 +246,7 @@ class Block(nn.Module):
         rope: tuple[Tensor, Tensor],
         text_kv: tuple[Tensor, Tensor] | Tensor,
         mask: Mask | None,
-        past: tuple[Tensor, Tensor, int] | None,
+        past: Past | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Returns the new hidden states and this layer's (rotated) keys and values of the new tokens."""
         table = self.scale_shift_table.float()
@@ -253,16 +254,15 @@ class Block(nn.Module):
         h = modulated_norm(x, segments, shift=0, scale=1, eps=self.eps)
         q = self.attn1.query(h, rope)
         k, v = self.attn1.key_value(h, rope)
-        k_all, v_all = k, v
-        if past is not None:
-            k_buf, v_buf, n = past
-            if torch.is_grad_enabled():  # autograd cannot follow writes into a reused buffer
-                k_all, v_all = torch.cat([k_buf[:, :n], k], dim=1), torch.cat([v_buf[:, :n], v], dim=1)
-            else:
-                end = n + k.shape[1]
-                k_buf[:, n:end], v_buf[:, n:end] = k, v
-                k_all, v_all = k_buf[:, :end], v_buf[:, :end]
-        x = gated_add(x, self.attn1.out(attention(q, k_all, v_all, mask)), segments, gate=2)
+        if past is None:
+            out = attention(q, k, v, mask)
+        elif past.store:
+            n, end = past.length, past.length + k.shape[1]
+            past.keys[:, n:end], past.values[:, n:end] = k, v
+            out = attention(q, past.keys[:, :end], past.values[:, :end], mask)
+        else:
+            out = attention(q, k, v, mask, context=(past.keys[:, :past.length], past.values[:, :past.length]))
+        x = gated_add(x, self.attn1.out(out), segments, gate=2)
 
         h = affine_norm(x, self.norm2) if isinstance(self.norm2, nn.LayerNorm) else x
         if isinstance(text_kv, Tensor):  # projected text tokens: keys/values made here, inside the block's forward
@@ -346,7 +346,7 @@ class CausalWanTransformer(nn.Module):
             tuple((tuple(r.latents.shape), r.latents.dtype, r.first_frame, r.compressed) for r in runs),
             tuple(tuple(x.shape) for x in fresh),
             None if visible is None else visible.cpu().numpy().tobytes(),
-            None if past is None else (tensor_key(past.keys), tensor_key(past.values), past.length),
+            None if past is None else (tensor_key(past.keys), tensor_key(past.values), past.length, past.store),
             want_velocity,
             (_fused_kernels, select_backend(self.device.type, self.dtype)),  # a graph bakes in the kernels it ran
         )
@@ -383,9 +383,12 @@ class CausalWanTransformer(nn.Module):
             start += n
         x = torch.cat(tokens, dim=1)
         rope = (torch.cat(cos), torch.cat(sin))
-        if past is not None and past.length + x.shape[1] > past.keys[0].shape[1]:
-            raise RuntimeError(f"KV buffers hold {past.keys[0].shape[1]} tokens: too few for {past.length} cached "
-                               f"and {x.shape[1]} new")
+        if past is not None and past.store:
+            if past.length + x.shape[1] > past.keys[0].shape[1]:
+                raise RuntimeError(f"KV buffers hold {past.keys[0].shape[1]} tokens: too few for {past.length} "
+                                   f"cached and {x.shape[1]} new")
+            if torch.is_grad_enabled():
+                raise RuntimeError("a forward that stores into the KV cache runs without autograd (torch.no_grad)")
 
         mask = None
         if visible is not None and not bool(visible.all()):
@@ -396,7 +399,7 @@ class CausalWanTransformer(nn.Module):
 
         keys, values = [], []
         for i, block in enumerate(self.blocks):
-            layer_past = None if past is None else (past.keys[i], past.values[i], past.length)
+            layer_past = None if past is None else Past(past.keys[i], past.values[i], past.length, past.store)
             layer_text = text if isinstance(text, Tensor) else text[i]
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x, k, v = checkpoint(block, x, segments, rope, layer_text, mask, layer_past, use_reentrant=False)

@@ -113,6 +113,32 @@ def test_cudnn_path_gives_cudnn_an_aligned_key_prefix_and_folds_in_the_rest(monk
     assert prefixes == [256, 256]  # blocks over 280 and 330 keys
     dense = visible.repeat_interleave(torch.tensor([20, 30]), 0).repeat_interleave(torch.tensor([130, 150, 50]), 1)
     torch.testing.assert_close(out, attn._sdpa(q, k, v, dense), rtol=1e-5, atol=1e-5)
+    # a cached context and a chunk's own tokens, held apart: cuDNN over each one's aligned prefix, one merge
+    for lc, lk, prefix in ((300, 140, [256, 128]), (256, 200, [256, 128]), (300, 60, [256]), (90, 40, [])):
+        q, k, v = torch.randn(1, 40, 2, 16), torch.randn(1, lk, 2, 16), torch.randn(1, lk, 2, 16)
+        kc, vc = torch.randn(1, lc, 2, 16), torch.randn(1, lc, 2, 16)
+        prefixes.clear()
+        out = attention(q, k, v, context=(kc, vc))
+        assert prefixes == prefix
+        torch.testing.assert_close(out, attn._sdpa(q, torch.cat([kc, k], 1), torch.cat([vc, v], 1)), rtol=1e-5,
+                                   atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flash", "triton"])
+def test_other_backends_attend_over_context_and_own_keys_joined(monkeypatch, fake_flash, backend):
+    monkeypatch.setattr(attn, "select_backend", lambda device_type, dtype: backend)
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 6, 2, 16), torch.randn(1, 6, 2, 16), torch.randn(1, 6, 2, 16)
+    kc, vc = torch.randn(1, 9, 2, 16), torch.randn(1, 9, 2, 16)
+    joined = torch.cat([kc, k], 1), torch.cat([vc, v], 1)
+    torch.testing.assert_close(attention(q, k, v, context=(kc, vc)), attn._sdpa(q, *joined), rtol=1e-5, atol=1e-5)
+    visible = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)  # over [context + own]: runs of 9, 3, 3 keys
+    mask = Mask.from_runs(visible, [3, 3], [9, 3, 3])
+    dense = visible.repeat_interleave(torch.tensor([3, 3]), 0).repeat_interleave(torch.tensor([9, 3, 3]), 1)
+    torch.testing.assert_close(attention(q, k, v, mask, context=(kc, vc)), attn._sdpa(q, *joined, dense),
+                               rtol=1e-5, atol=1e-5)
+    assert [tuple(c[1]) for c in fake_flash] == ([(1, 15, 2, 16), (1, 12, 2, 16), (1, 15, 2, 16)]
+                                                 if backend == "flash" else [])
 
 
 @pytest.mark.parametrize("capability, op_works, expected", [((9, 0), True, "cudnn"), ((9, 0), False, "sdpa"),
@@ -144,5 +170,5 @@ def test_cudnn_path_falls_back_to_sdpa_where_cudnn_refuses(monkeypatch, caplog):
     q, k, v = torch.randn(1, 9, 2, 16), torch.randn(1, 200, 2, 16), torch.randn(1, 200, 2, 16)
     with caplog.at_level("WARNING", logger="streamgen"):
         for _ in range(2):
-            torch.testing.assert_close(attn._cudnn(q, k, v), attn._sdpa(q, k, v))
+            torch.testing.assert_close(attn._cudnn(q, (k, v)), attn._sdpa(q, k, v))
     assert sum("cuDNN attention refused" in r.message for r in caplog.records) == 1

@@ -3,6 +3,7 @@ import torch
 
 from streamgen.cache import KVCache, context_layout
 from streamgen.engine import chunk_sizes
+from streamgen.model import Past, Run
 
 
 def test_context_layout_follows_far():
@@ -22,12 +23,12 @@ def test_incremental_refresh_equals_full_prefix_recompute(tiny_model, prompt, fu
     finals = {i: torch.randn(1, 16, n, 16, 16) for i, n in enumerate(sizes)}
     text = tiny_model.encode_text(prompt)
     layouts = [context_layout(sizes, k, full_chunk_limit) for k in range(1, len(sizes) + 1)]
-    cache = KVCache.for_layouts(tiny_model, 1, 16, 16, [(layout, 128) for layout in layouts])
+    cache = KVCache.for_layouts(tiny_model, 1, 16, 16, layouts)
     for k, layout in enumerate(layouts, start=1):
         recomputed = cache.refresh(layout, finals.__getitem__, text)
         # only the newest chunk until one turns compressed; then that one and the full window after it
         assert recomputed == (1 if k < full_chunk_limit else full_chunk_limit)
-        fresh = KVCache.for_layouts(tiny_model, 1, 16, 16, [(layout, 0)])
+        fresh = KVCache.for_layouts(tiny_model, 1, 16, 16, [layout])
         assert fresh.refresh(layout, finals.__getitem__, text) == k
         assert cache.length == fresh.length and cache.entries == fresh.entries
         for layer in range(tiny_model.config.num_layers):
@@ -41,7 +42,7 @@ def test_compressed_entries_are_smaller_and_refresh_is_idempotent(tiny_model, pr
     finals = {i: torch.randn(1, 16, n, 16, 16) for i, n in enumerate(sizes)}
     text = tiny_model.encode_text(prompt)
     layout = context_layout(sizes, 4, 3)
-    cache = KVCache.for_layouts(tiny_model, 1, 16, 16, [(layout, 0)])
+    cache = KVCache.for_layouts(tiny_model, 1, 16, 16, [layout])
     cache.refresh(layout, finals.__getitem__, text)
     # 16x16 latent: 64 tokens per full frame, 16 per compressed frame
     assert cache.length == (1 + 2) * 16 + (2 + 2) * 64
@@ -54,7 +55,7 @@ def test_compressed_entries_are_smaller_and_refresh_is_idempotent(tiny_model, pr
 def test_overflow_is_an_error(tiny_model, prompt):
     sizes = [1, 2, 2]
     finals = {i: torch.randn(1, 16, n, 16, 16) for i, n in enumerate(sizes)}
-    cache = KVCache.for_layouts(tiny_model, 1, 16, 16, [(context_layout(sizes, 1, 3), 0)])
+    cache = KVCache.for_layouts(tiny_model, 1, 16, 16, [context_layout(sizes, 1, 3)])
     with pytest.raises(RuntimeError, match="too few"):
         cache.refresh(context_layout(sizes, 3, 3), finals.__getitem__, tiny_model.encode_text(prompt))
 
@@ -78,3 +79,14 @@ def test_buffers_are_reused_by_the_next_stream_of_the_same_size(tiny_model, prom
         assert other.cache.keys.data_ptr() not in reused
     gen.buffers.clear()
     assert gen.buffers.idle() == 0
+
+
+def test_storing_into_the_cache_refuses_autograd(tiny_model, prompt):
+    """The refresh writes keys and values into reused buffers, which autograd cannot follow: a forward that stores
+    with gradients on is an error, not silently wrong gradients (training's rollout refreshes without them)."""
+    sizes = [1, 2]
+    cache = KVCache.for_layouts(tiny_model, 1, 16, 16, [context_layout(sizes, 2, 3)])
+    zero = torch.zeros(1)
+    with pytest.raises(RuntimeError, match="without autograd"):
+        tiny_model([Run(torch.randn(1, 16, 1, 16, 16), zero, zero, 0)], tiny_model.encode_text(prompt),
+                   past=Past(cache.keys, cache.values, 0, store=True))

@@ -110,13 +110,13 @@ def test_bad_requests_are_named(tiny_model, prompt, kwargs, message):
         next(Generator(tiny_model).stream(prompt, **kwargs))
 
 
-def test_cache_holds_exactly_the_largest_context_with_its_chunk(tiny_model, prompt):
+def test_cache_holds_exactly_the_largest_context(tiny_model, prompt):
     # tiny: chunks [1, 2, 2, 2, 1] of 16x16 latents (64 tokens per full frame, 16 compressed), 3 chunks at full
-    # resolution: chunk 3 needs 16 + 4 * 64 + 2 * 64 = 400 tokens; the largest context (chunk 4's, 304) plus the
-    # largest chunk (128) would be 432
+    # resolution: chunk 4's context, the largest, is 16 + 2 * 16 + 4 * 64 = 304 tokens; a chunk's own tokens stay
+    # out of the cache (chunk 3 with its context would need 400)
     assert tiny_model.config.chunk_partition == [1, 2, 2, 2, 1] and tiny_model.config.full_chunk_limit == 3
     with Generator(tiny_model).open(prompt, height=16, width=16, num_frames=8, steps=1, seed=0) as video:
-        assert video.sizes == [1, 2, 2, 2, 1] and video.cache.capacity == 400
+        assert video.sizes == [1, 2, 2, 2, 1] and video.cache.capacity == 304
         chunks = [chunk.latents for chunk in video]
     assert sum(c.shape[2] for c in chunks) == 8
 

@@ -14,6 +14,7 @@ interpreter computes bf16 `tl.dot` wrongly).
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import sys
@@ -308,17 +309,38 @@ def test_extend_attention_equals_attention_over_all_keys(shape, tail, dtype):
     q = rand(B, Lq, H, d, dtype=dtype)
     k, v = rand(B, Lk + tail, H, d, dtype=dtype), rand(B, Lk + tail, H, d, dtype=dtype)
     prev, lse = prefix_result(q, k[:, :Lk], v[:, :Lk])
-    out = extend_attention(q, k[:, Lk:], v[:, Lk:], prev.to(dtype), lse.float())
+    out = extend_attention(q, [(k[:, Lk:], v[:, Lk:])], [(prev.to(dtype), lse.float())])
     check_attention(out, q, k, v)
+
+
+@pytest.mark.parametrize("dtype", ATTN_DTYPES)
+@pytest.mark.parametrize("cuts", [(40, 7, 30, 5), (64, 0, 33, 70), (0, 20, 50, 45), (0, 0, 0, 3), (19, 0, 0, 0)])
+def test_extend_attention_merges_two_partials_and_two_segments(cuts, dtype):
+    """Keys in four parts (context prefix, context tail, own prefix, own tail: what the engine's cudnn path makes of
+    a cached context and a chunk's own tokens held apart): results over the prefixes (none, one or two) merged and
+    both tails folded in equal attention over all the keys, whichever parts are empty."""
+    B, Lq, H, d = 2, 29, 2, 32
+    lens = list(cuts)
+    q = rand(B, Lq, H, d, dtype=dtype)
+    k, v = rand(B, sum(lens), H, d, dtype=dtype), rand(B, sum(lens), H, d, dtype=dtype)
+    bounds = torch.tensor([0, *lens]).cumsum(0).tolist()
+    parts = [(k[:, a:b], v[:, a:b]) for a, b in itertools.pairwise(bounds)]
+    partials = [tuple(t.to(dtype) if t.dim() == 4 else t.float() for t in prefix_result(q, *parts[i]))
+                for i in (0, 2) if lens[i]]
+    check_attention(extend_attention(q, [parts[1], parts[3]], partials), q, k, v)
 
 
 def test_extend_attention_rejects_mismatched_shapes():
     q, k = rand(1, 8, 2, 32), rand(1, 4, 2, 32)
     prev, lse = prefix_result(q, k, k)
     with pytest.raises(ValueError, match="lse must be"):
-        extend_attention(q, k, k, prev.float(), lse.float().transpose(1, 2))
-    with pytest.raises(ValueError, match="must match q"):
-        extend_attention(q, k[..., :16], k[..., :16], prev.float(), lse.float())
+        extend_attention(q, [(k, k)], [(prev.float(), lse.float().transpose(1, 2))])
+    with pytest.raises(ValueError, match="matching q"):
+        extend_attention(q, [(k[..., :16], k[..., :16])], [(prev.float(), lse.float())])
+    with pytest.raises(ValueError, match="two key segments"):
+        extend_attention(q, [(k, k)] * 3)
+    with pytest.raises(ValueError, match="partial result must match q"):
+        extend_attention(q, [(k, k)], [(prev.float()[:, :4], lse.float())])
 
 
 @pytest.mark.parametrize("blocks", [(16, 16), (32, 32)])
