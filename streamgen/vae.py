@@ -186,15 +186,13 @@ def conv_by_frames(x: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tenso
     also be its kt input frames as separate (B, C, 1, H, W) tensors. Returns (B, O, T, H', W') in x's memory format,
     or with `sum_taps=False` its `Taps` for the consumer to add as it reads them (cuDNN would add the bias in a
     broadcast pass of its own: 116 of 800 ms of an H100's 81-frame decode)."""
-    o, kt = weight.shape[:3:2]
+    kt = weight.shape[2]
     fmt = (torch.channels_last if _memory_format(x if isinstance(x, torch.Tensor) else x[0]) == torch.channels_last_3d
            else torch.contiguous_format)
     if isinstance(x, torch.Tensor):
         b, c, t_in, h, w = x.shape
         t = t_in - kt + 1
         frames = x.transpose(1, 2)  # (B, T_in, C, H, W)
-        if o <= 4:  # the RGB conv: one conv of every input frame into all its taps' outputs, summed shifted below
-            return _few_outputs_by_frames(frames, weight, bias, padding, fmt)
         windows = (frames[:, k : k + t].reshape(b * t, c, h, w) for k in range(kt))  # one at a time: B > 1 copies
     else:  # one output frame, from kt separate input frames
         b, c, _, h, w = x[0].shape
@@ -212,21 +210,40 @@ def conv_by_frames(x: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tenso
     return taps[0] if sum_taps else Taps(taps, bias)
 
 
-def _few_outputs_by_frames(frames: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                           padding: tuple[int, int], fmt: torch.memory_format) -> torch.Tensor:
-    """`conv_by_frames` for a few output channels O (frames (B, T_in, C, H, W)): one conv2d with kt * O outputs reads
-    each frame once instead of kt times (cuDNN's few-output kernels are bound by those reads: the decoder's RGB conv
-    of a 12-frame chunk on an H100 3.63 -> 1.58 ms; with 96 outputs folding is slower, 4.7 -> 6.9 ms)."""
-    b, t_in, c, h, w = frames.shape
+FEW_OUTPUTS = 4  # convs with at most this many output channels (the decoder's RGB conv) fold their taps into outputs
+
+
+def few_outputs_by_frames(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: tuple[int, int],
+                          pending: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A causal conv with few output channels O of new frames x (B, C, T, H, W), continuing a video.
+
+    One conv2d with kt * O outputs reads each frame once instead of kt times (cuDNN's few-output kernels are bound by
+    those reads: the decoder's RGB conv of a 12-frame chunk on an H100 3.63 -> 1.58 ms; with 96 outputs folding is
+    slower, 4.7 -> 6.9 ms). So what the next frames need of the frames before them is not those frames but their
+    taps' outputs, summed per output frame: `pending` (B, kt - 1, O, H', W'), the partial sums of the next kt - 1
+    outputs (None at the video start, where the frames before are zeros). Keeping those instead of kt - 1 input
+    frames (96 channels at full resolution in the Wan decoder) is 32x less state, and no input frame is convolved
+    twice. Each output sums its taps in order k = 0, 1, ... as the whole-video conv does. Returns the outputs
+    (B, O, T, H', W') and the new pending sums."""
+    b, c, t, h, w = x.shape
     o, _, kt, kh, kw = weight.shape
-    t = t_in - kt + 1
+    fmt = torch.channels_last if _memory_format(x) == torch.channels_last_3d else torch.contiguous_format
     taps = weight.permute(2, 0, 1, 3, 4).reshape(kt * o, c, kh, kw).contiguous(memory_format=fmt)
-    y = F.conv2d(frames.reshape(b * t_in, c, h, w), taps, padding=padding)
-    y = y.unflatten(0, (b, t_in)).unflatten(2, (kt, o))  # (B, T_in, kt, O, H', W')
-    out = y[:, :t, 0]  # output frame i: the sum of tap k of input frame i + k
-    for k in range(1, kt):
-        out = out + y[:, k : k + t, k]
-    return (out if bias is None else out + bias.view(-1, 1, 1)).transpose(1, 2)
+    y = F.conv2d(x.transpose(1, 2).reshape(b * t, c, h, w), taps, padding=padding)
+    y = y.unflatten(0, (b, t)).unflatten(2, (kt, o))  # (B, T, kt, O, H', W'): tap k of each new frame
+    # partial sums of outputs 0 .. T + kt - 2 (the last kt - 1 are the next chunk's), channels innermost when x's are
+    n, like = kt - 1 + t, dict(dtype=y.dtype, device=y.device)
+    sums = (torch.empty((b, n, *y.shape[-2:], o), **like).movedim(-1, 2) if fmt == torch.channels_last
+            else torch.empty((b, n, o, *y.shape[-2:]), **like))
+    if pending is None:
+        sums[:, : kt - 1].zero_()
+    else:
+        sums[:, : kt - 1].copy_(pending)
+    sums[:, kt - 1 :].copy_(y[:, :, 0])
+    for k in range(1, kt):  # new frame i is tap k of output i + kt - 1 - k
+        sums[:, kt - 1 - k : kt - 1 - k + t] += y[:, :, k]
+    out = sums[:, :t] if bias is None else sums[:, :t] + bias.view(-1, 1, 1)
+    return out.transpose(1, 2), sums[:, t:].clone()  # clone: don't pin the chunk's sums
 
 
 def _fused(x: torch.Tensor) -> bool:
@@ -250,8 +267,9 @@ class TimeCache:
     """What the temporal layers of one encoder or decoder keep between chunks of one video.
 
     `past[layer]` holds the last input frames that layer still needs (a causal conv: one (B, C, 1, H, W) tensor per
-    frame; a temporal downsampler: its last frame); a layer with no entry sees zeros (or, for a resampler, the start
-    of the video). `started` is False until the first chunk has gone through.
+    frame; one with few outputs: the partial sums of its next outputs instead, see `few_outputs_by_frames`; a
+    temporal downsampler: its last frame); a layer with no entry sees zeros (or, for a resampler, the start of the
+    video). `started` is False until the first chunk has gone through.
     """
 
     def __init__(self) -> None:
@@ -300,7 +318,14 @@ class CausalConv3d(nn.Conv3d):
         by_frames = (_frame_convs and self.stride == (1, 1, 1) and self.groups == 1
                      and (not x.is_cuda or fmt == torch.channels_last_3d))  # not CUDA channels-first
         del x  # a conv tap `fill` reads (and frees) must not outlive it here
-        past = cache.past.get(self) if cache is not None else None  # the kept frames, (B, C, 1, H, W) each
+        past = cache.past.get(self) if cache is not None else None  # what the previous chunk left (None: the start)
+        if by_frames and self.out_channels <= FEW_OUTPUTS:
+            new = torch.empty((b, c, t, h, w), **like, memory_format=fmt)
+            fill(new)
+            out, pending = few_outputs_by_frames(new, self.weight, self.bias, self.padding[1:], past)
+            if cache is not None:
+                cache.past[self] = pending
+            return out
         if past is None:  # the video start
             past = (torch.empty((b, c, 1, h, w), **like, memory_format=fmt).zero_(),) * p
         if by_frames and t == 1:

@@ -176,7 +176,7 @@ def conv_path(request):
 
 @pytest.mark.parametrize("kernel, padding", [((3, 3, 3), (1, 1, 1)), ((3, 1, 1), (1, 0, 0)), ((3, 3, 1), (1, 1, 0))])
 @pytest.mark.parametrize("batch, channels_last", [(1, True), (2, True), (2, False)])
-@pytest.mark.parametrize("out_channels", [5, 3], ids=["taps", "taps-as-outputs"])  # 3: conv_by_frames folds the taps
+@pytest.mark.parametrize("out_channels", [5, 3], ids=["taps", "taps-as-outputs"])  # 3: few_outputs_by_frames
 def test_causal_conv_cache_equals_full_padded_sequence(conv_path, kernel, padding, batch, channels_last, out_channels):
     torch.manual_seed(0)
     conv = CausalConv3d(3, out_channels, kernel, padding=padding).double()
@@ -205,6 +205,30 @@ def test_one_frame_chunks_keep_their_frames_by_reference():
         kept.append(cache.past[conv])
     for before, after, frame in zip(kept, kept[1:], x.split(1, dim=2)[1:]):
         assert after[0] is before[1] and torch.equal(after[1], frame)
+    full = F.conv3d(F.pad(x, (1, 1, 1, 1, 2, 0)), conv.weight, conv.bias)
+    torch.testing.assert_close(torch.cat(chunks, 2), full, rtol=0, atol=1e-12)
+
+
+def test_few_output_convs_keep_partial_sums_not_input_frames(monkeypatch):
+    """A conv with few outputs (the decoder's RGB conv) keeps, between chunks, the partial sums of its next kt - 1
+    outputs (kt - 1 frames of O channels) instead of kt - 1 input frames of C channels, and convolves each input frame
+    once; the result is the whole sequence's."""
+    torch.manual_seed(0)
+    conv = CausalConv3d(8, 3, 3, padding=1).double()
+    x = torch.randn(2, 8, 7, 6, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last_3d)
+    frames_convolved = []
+    real = F.conv2d
+
+    def conv2d(inp, *args, **kwargs):
+        frames_convolved.append(inp.shape[0])
+        return real(inp, *args, **kwargs)
+
+    monkeypatch.setattr(F, "conv2d", conv2d)
+    cache, chunks = TimeCache(), []
+    for chunk in x.split([1, 1, 3, 2], dim=2):
+        chunks.append(conv(chunk, cache))
+        assert cache.past[conv].shape == (2, 2, 3, 6, 5)  # (B, kt - 1, O, H, W)
+    assert frames_convolved == [2 * 1, 2 * 1, 2 * 3, 2 * 2]  # batch x new frames: none twice
     full = F.conv3d(F.pad(x, (1, 1, 1, 1, 2, 0)), conv.weight, conv.bias)
     torch.testing.assert_close(torch.cat(chunks, 2), full, rtol=0, atol=1e-12)
 
