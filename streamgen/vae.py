@@ -187,8 +187,7 @@ def conv_by_frames(x: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tenso
     or with `sum_taps=False` its `Taps` for the consumer to add as it reads them (cuDNN would add the bias in a
     broadcast pass of its own: 116 of 800 ms of an H100's 81-frame decode)."""
     kt = weight.shape[2]
-    fmt = (torch.channels_last if _memory_format(x if isinstance(x, torch.Tensor) else x[0]) == torch.channels_last_3d
-           else torch.contiguous_format)
+    fmt = _frame_format(x if isinstance(x, torch.Tensor) else x[0])
     if isinstance(x, torch.Tensor):
         b, c, t_in, h, w = x.shape
         t = t_in - kt + 1
@@ -227,7 +226,7 @@ def few_outputs_by_frames(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     (B, O, T, H', W') and the new pending sums."""
     b, c, t, h, w = x.shape
     o, _, kt, kh, kw = weight.shape
-    fmt = torch.channels_last if _memory_format(x) == torch.channels_last_3d else torch.contiguous_format
+    fmt = _frame_format(x)
     taps = weight.permute(2, 0, 1, 3, 4).reshape(kt * o, c, kh, kw).contiguous(memory_format=fmt)
     y = F.conv2d(x.transpose(1, 2).reshape(b * t, c, h, w), taps, padding=padding)
     y = y.unflatten(0, (b, t)).unflatten(2, (kt, o))  # (B, T, kt, O, H', W'): tap k of each new frame

@@ -34,3 +34,22 @@ def prompt() -> torch.Tensor:
     embeds = torch.randn(1, 8, 32)
     embeds[:, 5:] = 0  # zero padding past the prompt, as the text encoder delivers it
     return embeds
+
+
+@pytest.fixture
+def cudnn_stand_in(monkeypatch) -> list[int]:
+    """The `cudnn` attention backend with cuDNN stood in for by float64 torch (this machine has none): the key counts
+    cuDNN is given, in call order."""
+    from streamgen import attention as attn
+
+    prefixes: list[int] = []
+
+    def cudnn_with_lse(q, k, v):
+        prefixes.append(k.shape[1])
+        s = (q.double().transpose(1, 2) @ k.double().permute(0, 2, 3, 1)) / q.shape[-1] ** 0.5
+        out = torch.softmax(s, -1) @ v.double().transpose(1, 2)
+        return out.transpose(1, 2).to(q.dtype), torch.logsumexp(s, -1).float()
+
+    monkeypatch.setattr(attn, "_cudnn_with_lse", cudnn_with_lse)
+    monkeypatch.setattr(attn, "select_backend", lambda device_type, dtype: "cudnn")
+    return prefixes

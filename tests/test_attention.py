@@ -87,19 +87,10 @@ def test_triton_path_serves_prefix_blocks_in_one_launch(monkeypatch):
     torch.testing.assert_close(out, attn._sdpa(q, k, v, dense), rtol=1e-5, atol=1e-5)
 
 
-def test_cudnn_path_gives_cudnn_an_aligned_key_prefix_and_folds_in_the_rest(monkeypatch):
+def test_cudnn_path_gives_cudnn_an_aligned_key_prefix_and_folds_in_the_rest(cudnn_stand_in):
     """cuDNN (stood in for by float64 torch, this machine has none) sees keys up to a multiple of 128; the rest are
     folded in by kernels.extend_attention (Triton's interpreter here); prefix blocks of a mask each go that way."""
-    prefixes = []
-
-    def cudnn_with_lse(q, k, v):
-        prefixes.append(k.shape[1])
-        s = (q.double().transpose(1, 2) @ k.double().permute(0, 2, 3, 1)) / q.shape[-1] ** 0.5
-        out = torch.softmax(s, -1) @ v.double().transpose(1, 2)
-        return out.transpose(1, 2).to(q.dtype), torch.logsumexp(s, -1).float()
-
-    monkeypatch.setattr(attn, "_cudnn_with_lse", cudnn_with_lse)
-    monkeypatch.setattr(attn, "select_backend", lambda device_type, dtype: "cudnn")
+    prefixes = cudnn_stand_in
     torch.manual_seed(0)
     for lk, prefix in ((300, [256]), (256, []), (100, [])):  # aligned or shorter than 128: plain SDPA
         q, k, v = torch.randn(1, 40, 2, 16), torch.randn(1, lk, 2, 16), torch.randn(1, lk, 2, 16)
