@@ -398,7 +398,9 @@ def extend_attention(q: torch.Tensor, keys: Sequence[tuple[torch.Tensor, torch.T
     (B, Lk, H, d), folded in here one tile at a time. For a few trailing keys: cuDNN attention is 8-9% faster over
     a key count that is a multiple of 128 (H100), so the engine gives it those prefixes (of the cached context and
     of the chunk's own tokens, kept apart) and folds the rest in here. Returns (B, Lq, H, d) in q.dtype; any
-    strides."""
+    strides. One pipeline stage: the engine's segments are one tile each, so more stages only took shared memory
+    (H100, 1.3B shapes: 80 -> 55 us for a denoising chunk, 113 -> 72 us for a refresh, same output;
+    benchmarks/results/extend_configs_session7.txt)."""
     B, Lq, H, d = q.shape
     if not 1 <= len(keys) <= 2 or len(partials) > 2:
         raise ValueError(f"one or two key segments and at most two partial results, got {len(keys)}, "
@@ -429,7 +431,7 @@ def extend_attention(q: torch.Tensor, keys: Sequence[tuple[torch.Tensor, torch.T
         *q.stride(), *k1.stride(), *v1.stride(), *k2.stride(), *v2.stride(), *out.stride(), *p1.stride(),
         *p2.stride(), *lse1.stride(), *lse2.stride(),
         PARTIALS=len(partials), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == d,
-        IEEE=q.dtype == torch.float32, num_warps=4,
+        IEEE=q.dtype == torch.float32, num_warps=4, num_stages=1,
     )
     return out
 

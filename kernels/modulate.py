@@ -94,18 +94,24 @@ def _check_x(x: torch.Tensor) -> None:
         raise TypeError(f"x must be a floating tensor, got {x.dtype}")
 
 
-def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
     """``LayerNorm(x) * (1 + scale) + shift`` (no affine, statistics over D, all math in fp32), in ``x.dtype``.
 
     x: (B, L, D), any float dtype, any strides. shift, scale: (B, D) (or (B, 1, D) / (D,)), normally fp32,
-    one vector per batch row shared by all L tokens. Returns a new contiguous (B, L, D) tensor.
+    one vector per batch row shared by all L tokens. Returns a new contiguous (B, L, D) tensor, or writes ``out``
+    (B, L, D) in x.dtype, any strides (a slice of a larger tensor: segments with their own modulation need no
+    concatenation) and returns it.
     """
     _check_x(x)
     B, L, D = x.shape
     shift = _per_batch(shift, B, D, "shift")
     scale = _per_batch(scale, B, D, "scale")
-    check_tensors(x, shift, scale)
-    out = torch.empty((B, L, D), dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty((B, L, D), dtype=x.dtype, device=x.device)
+    elif out.shape != x.shape or out.dtype != x.dtype:
+        raise ValueError(f"out must be {tuple(x.shape)} {x.dtype}, got {tuple(out.shape)} {out.dtype}")
+    check_tensors(x, shift, scale, out)
     if out.numel() == 0:
         return out
     block = pow2(D)

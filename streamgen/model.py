@@ -45,6 +45,14 @@ def _fused(x: Tensor) -> bool:
     return _fused_kernels and x.is_cuda and not torch.is_grad_enabled()
 
 
+def _gelu_epilogue(x: Tensor) -> bool:
+    """The FFN's first linear as one cuBLASLt GEMM with a tanh-GELU epilogue (fp32, one rounding to bf16; H100,
+    1.3B shapes: 1.14-1.18x the linear + GELU pair, benchmarks/results/gelu_epilogue_session7.txt). x.is_cuda on
+    its own: tests run `_fused`'s Triton kernels on the CPU, where torch._addmm_activation computes exact GELU, not
+    Wan's tanh approximation."""
+    return _fused(x) and x.is_cuda
+
+
 @dataclass
 class Run:
     """Latent frames (B, C, F, H, W) entering the transformer together, at times t and r of shape (B,)."""
@@ -175,7 +183,11 @@ class FeedForward(nn.Module):
         self.net = nn.ModuleList([proj, nn.Identity(), nn.Linear(hidden, dim)])
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net[2](F.gelu(self.net[0].proj(x), approximate="tanh"))
+        up = self.net[0].proj
+        if _gelu_epilogue(x):  # bias and GELU in the GEMM's epilogue: no pass over the (tokens, ffn_dim) hidden
+            h = torch._addmm_activation(up.bias, x.reshape(-1, x.shape[-1]), up.weight.t(), use_gelu=True)
+            return self.net[2](h.view(*x.shape[:-1], -1))
+        return self.net[2](F.gelu(up(x), approximate="tanh"))
 
 
 @dataclass
@@ -193,8 +205,12 @@ def modulated_norm(x: Tensor, segments: list[Segment], shift: int, scale: int, e
     if _fused(x):
         from kernels import layernorm_modulate
 
-        parts = [layernorm_modulate(x[:, s.start:s.end], s.mod[:, shift], s.mod[:, scale], eps) for s in segments]
-        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        if len(segments) == 1:
+            return layernorm_modulate(x, segments[0].mod[:, shift], segments[0].mod[:, scale], eps)
+        out = torch.empty_like(x)
+        for s in segments:  # each writes its slice: no concatenation
+            layernorm_modulate(x[:, s.start:s.end], s.mod[:, shift], s.mod[:, scale], eps, out=out[:, s.start:s.end])
+        return out
     normed = F.layer_norm(x.float(), x.shape[-1:], eps=eps)
     parts = [
         normed[:, s.start:s.end] * (1 + s.mod[:, scale, None].float()) + s.mod[:, shift, None].float()

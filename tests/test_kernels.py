@@ -96,6 +96,22 @@ def test_layernorm_modulate_strided_broadcast_offset():
     check_ulp(out, layernorm_modulate_reference(*f64(x, shift, scale), 1e-6), torch.float32)
 
 
+def test_layernorm_modulate_into_slices_of_one_output():
+    """Segments with their own modulation write their slices of one (B, L, D) output: no concatenation; the rows
+    outside a slice are untouched; a wrong out is an error."""
+    x = rand(2, 10, 64)
+    mods = [(rand(2, 64), rand(2, 64, scale=0.5)) for _ in range(2)]
+    out = torch.full_like(x, float("nan"))
+    for (a, b), (shift, scale) in zip([(0, 3), (3, 10)], mods):
+        got = layernorm_modulate(x[:, a:b], shift, scale, 1e-6, out=out[:, a:b])
+        assert got.data_ptr() == out[:, a:b].data_ptr()
+        check_ulp(out[:, a:b], layernorm_modulate_reference(*f64(x[:, a:b], shift, scale), 1e-6), torch.float32)
+    with pytest.raises(ValueError, match="out must be"):
+        layernorm_modulate(x, *mods[0], 1e-6, out=out[:, :3])
+    with pytest.raises(ValueError, match="out must be"):
+        layernorm_modulate(x, *mods[0], 1e-6, out=out.double())
+
+
 def test_layernorm_modulate_reference_matches_torch():
     x, shift, scale = rand(2, 5, 64), rand(2, 64), rand(2, 64)
     expect = torch.nn.functional.layer_norm(x, (64,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]

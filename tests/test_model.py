@@ -133,3 +133,27 @@ def test_masked_runs_equal_separate_calls(tiny_model, prompt):
         visible = torch.tensor([[True, False], [True, True]])
         both = tiny_model([Run(z0, t, t, 0), Run(z1, t, t, 1)], text, visible=visible).velocities[0]
     assert rel_err(both, alone) < 1e-6
+
+
+def test_ffn_gelu_epilogue_is_the_linear_then_tanh_gelu(monkeypatch):
+    """On CUDA inference the FFN's first linear is torch._addmm_activation (cuBLASLt: bias and tanh GELU in the GEMM
+    epilogue; the GPU benchmark checks its numerics). Here the op is stood in for by float64 addmm + tanh GELU, which
+    is what cuBLASLt computes: the wiring (bias, weight transpose, batch and token dims folded and restored) must
+    give the plain path's result."""
+    from streamgen import model as model_module
+
+    ffn = model_module.FeedForward(48, 80).double()
+    x = torch.randn(2, 5, 48, dtype=torch.float64)
+    plain = ffn(x)
+    calls = []
+
+    def stand_in(bias, mat1, mat2, use_gelu=False):
+        calls.append((mat1.shape, mat2.data_ptr(), mat2.stride(), use_gelu))
+        return torch.nn.functional.gelu(torch.addmm(bias, mat1, mat2), approximate="tanh")
+
+    monkeypatch.setattr(torch, "_addmm_activation", stand_in)
+    monkeypatch.setattr(model_module, "_gelu_epilogue", lambda x: True)
+    fused = ffn(x)
+    weight = ffn.net[0].proj.weight
+    assert calls == [((10, 48), weight.data_ptr(), weight.t().stride(), True)]
+    torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-12)
