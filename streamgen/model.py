@@ -263,18 +263,24 @@ class Block(nn.Module):
         text_kv: tuple[Tensor, Tensor] | Tensor,
         mask: Mask | None,
         past: Past | None,
+        kv_only: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Returns the new hidden states and this layer's (rotated) keys and values of the new tokens."""
+        """Returns the new hidden states and this layer's (rotated) keys and values of the new tokens. `kv_only`:
+        stop once the keys and values are made (and stored), returning x unchanged: the last layer of a forward that
+        wants no velocity (a cache refresh) needs nothing after them."""
         table = self.scale_shift_table.float()
         segments = [Segment(s.start, s.end, s.emb, table + s.mod.float()) for s in segments]
         h = modulated_norm(x, segments, shift=0, scale=1, eps=self.eps)
-        q = self.attn1.query(h, rope)
         k, v = self.attn1.key_value(h, rope)
+        if past is not None and past.store:
+            n, end = past.length, past.length + k.shape[1]
+            past.keys[:, n:end], past.values[:, n:end] = k, v
+        if kv_only:
+            return x, k, v
+        q = self.attn1.query(h, rope)
         if past is None:
             out = attention(q, k, v, mask)
         elif past.store:
-            n, end = past.length, past.length + k.shape[1]
-            past.keys[:, n:end], past.values[:, n:end] = k, v
             out = attention(q, past.keys[:, :end], past.values[:, :end], mask)
         else:
             out = attention(q, k, v, mask, context=(past.keys[:, :past.length], past.values[:, :past.length]))
@@ -417,10 +423,12 @@ class CausalWanTransformer(nn.Module):
         for i, block in enumerate(self.blocks):
             layer_past = None if past is None else Past(past.keys[i], past.values[i], past.length, past.store)
             layer_text = text if isinstance(text, Tensor) else text[i]
+            kv_only = not want_velocity and i == len(self.blocks) - 1
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x, k, v = checkpoint(block, x, segments, rope, layer_text, mask, layer_past, use_reentrant=False)
+                x, k, v = checkpoint(block, x, segments, rope, layer_text, mask, layer_past, kv_only,
+                                     use_reentrant=False)
             else:
-                x, k, v = block(x, segments, rope, layer_text, mask, layer_past)
+                x, k, v = block(x, segments, rope, layer_text, mask, layer_past, kv_only)
             if want_kv:
                 keys.append(k)
                 values.append(v)

@@ -157,3 +157,30 @@ def test_ffn_gelu_epilogue_is_the_linear_then_tanh_gelu(monkeypatch):
     weight = ffn.net[0].proj.weight
     assert calls == [((10, 48), weight.data_ptr(), weight.t().stride(), True)]
     torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-12)
+
+
+def test_forward_without_velocity_stops_the_last_layer_at_its_keys(tiny_model, prompt):
+    """A forward that wants keys and values but no velocity (a cache refresh) skips the last block after its keys
+    and values: its attention, cross-attention and FFN never run, and every layer's keys and values are the ones
+    the full forward makes."""
+    torch.manual_seed(3)
+    z = torch.randn(1, 16, 2, 16, 16)
+    runs = [Run(z, torch.tensor([0.0]), torch.tensor([0.0]), 0)]
+    text = tiny_model.encode_text(prompt)
+    last = tiny_model.blocks[-1]
+    ran = []
+    hooks = [m.register_forward_hook(lambda *_, name=name: ran.append(name))
+             for name, m in (("ffn", last.ffn), ("attn out", last.attn1.to_out[0]), ("query", last.attn1.to_q))]
+    try:
+        with torch.no_grad():
+            full = tiny_model(runs, text, want_velocity=True, want_kv=True)
+            assert ran == ["query", "attn out", "ffn"]
+            ran.clear()
+            kv = tiny_model(runs, text, want_velocity=False, want_kv=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert ran == [] and kv.velocities == [None]
+    assert len(kv.keys) == len(tiny_model.blocks)
+    for a, b in zip(kv.keys + kv.values, full.keys + full.values):
+        assert torch.equal(a, b)
