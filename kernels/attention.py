@@ -25,7 +25,7 @@ import triton.language as tl
 
 from ._launch import INTERPRET, check_tensors, pow2
 
-__all__ = ["attention_reference", "chunk_attention", "extend_attention"]
+__all__ = ["attention_reference", "chunk_attention", "extend_attention", "key_splits"]
 
 _LOG2E = 1.4426950408889634
 
@@ -205,6 +205,18 @@ def _attn_combine_kernel(
 
 
 @triton.jit
+def _merge_partial(acc, l_i, m_i, part_base, lse_base, rows, offs_d, stride_pm, stride_pd, stride_lm, mask, row_ok):
+    """Merge a normalised attention result over other keys into the running (acc, l_i, m_i): with its rows'
+    natural-log sum of exp scores lse, it is a running max of lse * log2(e) and a running sum of 1. Merged into the
+    empty state (m_i = -inf) it becomes the state exactly."""
+    part = tl.load(part_base + rows[:, None] * stride_pm + offs_d[None, :] * stride_pd, mask=mask, other=0.0)
+    m_p = tl.load(lse_base + rows * stride_lm, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+    m_new = tl.maximum(m_i, m_p)
+    alpha, beta = tl.exp2(m_i - m_new), tl.exp2(m_p - m_new)
+    return acc * alpha[:, None] + part.to(tl.float32) * beta[:, None], l_i * alpha + beta, m_new
+
+
+@triton.jit
 def _attn_extend_kernel(
     q_ptr, k1_ptr, v1_ptr, k2_ptr, v2_ptr, o_ptr, p1_ptr, lse1_ptr, p2_ptr, lse2_ptr,
     H, Lq, L1, L2, head_dim, qk_scale,
@@ -214,16 +226,16 @@ def _attn_extend_kernel(
     stride_k2b, stride_k2n, stride_k2h, stride_k2d,
     stride_v2b, stride_v2n, stride_v2h, stride_v2d,
     stride_ob, stride_om, stride_oh, stride_od,
-    stride_p1b, stride_p1m, stride_p1h, stride_p1d,
-    stride_p2b, stride_p2m, stride_p2h, stride_p2d,
-    stride_l1b, stride_l1h, stride_l1m,
-    stride_l2b, stride_l2h, stride_l2m,
-    PARTIALS: tl.constexpr,
+    stride_p1s, stride_p1b, stride_p1m, stride_p1h, stride_p1d,
+    stride_p2s, stride_p2b, stride_p2m, stride_p2h, stride_p2d,
+    stride_l1s, stride_l1b, stride_l1h, stride_l1m,
+    stride_l2s, stride_l2b, stride_l2h, stride_l2m,
+    S1: tl.constexpr, S2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """Grid (B*H, cdiv(Lq, BLOCK_M)): start the online softmax from PARTIALS (0-2) attention results over other keys
-    (each normalised, with its natural-log sum of exp scores lse: in log2 units its running max is lse * log2(e) and
-    its running sum 1), then fold in keys [0, L1) of the first segment and [0, L2) of the second."""
+    """Grid (B*H, cdiv(Lq, BLOCK_M)): start the online softmax from partial attention results over other keys, S1
+    stacked in the first partial tensor and S2 in the second (0-2 each), then fold in keys [0, L1) of the first
+    segment and [0, L2) of the second."""
     bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -235,26 +247,21 @@ def _attn_extend_kernel(
         mask = mask & (offs_d[None, :] < head_dim)
     tile = rows[:, None] * stride_qm + offs_d[None, :] * stride_qd
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + tile, mask=mask, other=0.0)
-    if PARTIALS == 0:
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    else:
-        acc = tl.load(p1_ptr + b * stride_p1b + h * stride_p1h + rows[:, None] * stride_p1m
-                      + offs_d[None, :] * stride_p1d, mask=mask, other=0.0).to(tl.float32)
-        lse = tl.load(lse1_ptr + b * stride_l1b + h * stride_l1h + rows * stride_l1m, mask=row_ok, other=0.0)
-        m_i = lse.to(tl.float32) * 1.4426950408889634
-        l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
-    if PARTIALS == 2:
-        other = tl.load(p2_ptr + b * stride_p2b + h * stride_p2h + rows[:, None] * stride_p2m
-                        + offs_d[None, :] * stride_p2d, mask=mask, other=0.0).to(tl.float32)
-        lse = tl.load(lse2_ptr + b * stride_l2b + h * stride_l2h + rows * stride_l2m, mask=row_ok, other=0.0)
-        m_2 = lse.to(tl.float32) * 1.4426950408889634
-        m_new = tl.maximum(m_i, m_2)
-        w_1, w_2 = tl.exp2(m_i - m_new), tl.exp2(m_2 - m_new)
-        acc = acc * w_1[:, None] + other * w_2[:, None]
-        l_i = w_1 + w_2
-        m_i = m_new
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for s in tl.static_range(S1):
+        acc, l_i, m_i = _merge_partial(
+            acc, l_i, m_i, p1_ptr + s * stride_p1s + b * stride_p1b + h * stride_p1h,
+            lse1_ptr + s * stride_l1s + b * stride_l1b + h * stride_l1h, rows, offs_d, stride_p1m, stride_p1d,
+            stride_l1m, mask, row_ok,
+        )
+    for s in tl.static_range(S2):
+        acc, l_i, m_i = _merge_partial(
+            acc, l_i, m_i, p2_ptr + s * stride_p2s + b * stride_p2b + h * stride_p2h,
+            lse2_ptr + s * stride_l2s + b * stride_l2b + h * stride_l2h, rows, offs_d, stride_p2m, stride_p2d,
+            stride_l2m, mask, row_ok,
+        )
     acc, l_i, m_i = _attn_tiles(
         acc, l_i, m_i, q, rows, k1_ptr + b * stride_k1b + h * stride_k1h, v1_ptr + b * stride_v1b + h * stride_v1h,
         stride_k1n, stride_k1d, stride_v1n, stride_v1d, 0, L1, L1, head_dim, qk_scale,
@@ -326,7 +333,7 @@ def chunk_attention(
     1/sqrt(d). fp32 inputs use IEEE fp32 products (exact reference checks), 16-bit inputs the tensor cores.
     ``block_m``/``block_n`` bypass the autotuner (tests, experiments). ``splits`` (without ``kv_limit``): fold the
     keys in that many ranges in parallel and merge them in a second small kernel; default: 2 where that fills the
-    GPU's last wave of programs better (`_splits`), else 1.
+    GPU's last wave of programs better (`key_splits`), else 1.
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("q, k, v must be (B, L, H, d)")
@@ -355,7 +362,7 @@ def chunk_attention(
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     block_d = max(16, pow2(d))
     if splits is None:
-        splits = 1 if kv_limit is not None else _splits(B * H * triton.cdiv(Lq, 128), Lk, q.device)
+        splits = 1 if kv_limit is not None else key_splits(B * H * triton.cdiv(Lq, 128), Lk, q.device)
     if splits < 1 or (splits > 1 and kv_limit is not None):
         raise ValueError(f"splits must be >= 1, and 1 with kv_limit, got {splits}")
     span = triton.cdiv(triton.cdiv(Lk, splits), 128) * 128  # a whole number of tiles for every BLOCK_N
@@ -394,13 +401,14 @@ def extend_attention(q: torch.Tensor, keys: Sequence[tuple[torch.Tensor, torch.T
                      scale: float | None = None) -> torch.Tensor:
     """Attention of q (B, Lq, H, d) over the union of some key sets, given `partials`: up to two results over some
     of them, each a (prev (B, Lq, H, d), lse (B, H, Lq)) pair, its output and the natural-log sum of exp(scaled
-    scores) (what cuDNN and FlashAttention-style kernels return), and `keys`: up to two further (k, v) segments
-    (B, Lk, H, d), folded in here one tile at a time. For a few trailing keys: cuDNN attention is 8-9% faster over
-    a key count that is a multiple of 128 (H100), so the engine gives it those prefixes (of the cached context and
-    of the chunk's own tokens, kept apart) and folds the rest in here. Returns (B, Lq, H, d) in q.dtype; any
-    strides. One pipeline stage: the engine's segments are one tile each, so more stages only took shared memory
-    (H100, 1.3B shapes: 80 -> 55 us for a denoising chunk, 113 -> 72 us for a refresh, same output;
-    benchmarks/results/extend_configs_session7.txt)."""
+    scores) (what cuDNN and FlashAttention-style kernels return), or a stack of two such results over different
+    keys ((2, B, Lq, H, d), (2, B, H, Lq): a batched call over two halves of the keys), and `keys`: up to two
+    further (k, v) segments (B, Lk, H, d), folded in here one tile at a time. For a few trailing keys: cuDNN
+    attention is 8-9% faster over a key count that is a multiple of 128 (H100), so the engine gives it those
+    prefixes (of the cached context and of the chunk's own tokens, kept apart) and folds the rest in here. Returns
+    (B, Lq, H, d) in q.dtype; any strides. One pipeline stage: the engine's segments are one or two tiles, so more
+    stages only took shared memory (H100, 1.3B shapes: 80 -> 55 us for a denoising chunk, 113 -> 72 us for a
+    refresh, same output; benchmarks/results/extend_configs_session7.txt)."""
     B, Lq, H, d = q.shape
     if not 1 <= len(keys) <= 2 or len(partials) > 2:
         raise ValueError(f"one or two key segments and at most two partial results, got {len(keys)}, "
@@ -409,20 +417,26 @@ def extend_attention(q: torch.Tensor, keys: Sequence[tuple[torch.Tensor, torch.T
         if k.shape != v.shape or k.shape[0] != B or k.shape[2:] != (H, d):
             raise ValueError(f"k, v must be (B, Lk, H, d) matching q {tuple(q.shape)}, got k {tuple(k.shape)}, "
                              f"v {tuple(v.shape)}")
+    stacks = []
     for prev, lse in partials:
-        if prev.shape != q.shape:
-            raise ValueError(f"a partial result must match q {tuple(q.shape)}, got {tuple(prev.shape)}")
-        if lse.shape != (B, H, Lq):
-            raise ValueError(f"lse must be ({B}, {H}, {Lq}), got {tuple(lse.shape)}")
+        prev, lse = (prev, lse) if prev.dim() == 5 else (prev.unsqueeze(0), lse.unsqueeze(0))
+        if prev.shape[1:] != q.shape or not 1 <= prev.shape[0] <= 2:
+            raise ValueError(f"a partial result must be {tuple(q.shape)} or a stack of at most two, got "
+                             f"{tuple(prev.shape)}")
+        if lse.shape != (prev.shape[0], B, H, Lq):
+            raise ValueError(f"lse must be ({B}, {H}, {Lq}), stacked like its result, got {tuple(lse.shape)}")
+        stacks.append((prev, lse))
     if d > 128:
         raise ValueError(f"head dim up to 128 is supported, got {d}")
-    check_tensors(q, *(t for pair in (*keys, *partials) for t in pair))
+    check_tensors(q, *(t for pair in (*keys, *stacks) for t in pair))
     out = torch.empty((B, Lq, H, d), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
     (k1, v1), (k2, v2) = keys[0], keys[-1]
     L2 = k2.shape[1] if len(keys) == 2 else 0
-    (p1, lse1), (p2, lse2) = (partials[0], partials[-1]) if partials else ((q, q[:, 0]), (q, q[:, 0]))
+    counts = [p.shape[0] for p, _ in stacks] + [0] * (2 - len(stacks))
+    unused = (q.unsqueeze(0), q[:, 0].unsqueeze(0))  # pointers and strides for an absent partial: never read
+    (p1, lse1), (p2, lse2) = (stacks + [unused, unused])[:2]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     block_d = max(16, pow2(d))
     block_m, block_n = (32, 32) if INTERPRET else (64, 128)
@@ -430,16 +444,18 @@ def extend_attention(q: torch.Tensor, keys: Sequence[tuple[torch.Tensor, torch.T
         q, k1, v1, k2, v2, out, p1, lse1, p2, lse2, H, Lq, k1.shape[1], L2, d, scale * _LOG2E,
         *q.stride(), *k1.stride(), *v1.stride(), *k2.stride(), *v2.stride(), *out.stride(), *p1.stride(),
         *p2.stride(), *lse1.stride(), *lse2.stride(),
-        PARTIALS=len(partials), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == d,
+        S1=counts[0], S2=counts[1], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, EVEN_D=block_d == d,
         IEEE=q.dtype == torch.float32, num_warps=4, num_stages=1,
     )
     return out
 
 
-def _splits(programs: int, Lk: int, device: torch.device) -> int:
+def key_splits(programs: int, Lk: int, device: torch.device) -> int:
     """2 when splitting the keys in two fills the last wave of programs (one per SM at the H100's tile sizes) at
     least 10% better, with at least 8 tiles of 128 keys per split; else 1. At the 1.3B denoising shapes 444
-    programs on 132 SMs fill 84% of their 4 waves, 888 fill 96% of 7."""
+    programs on 132 SMs fill 84% of their 4 waves, 888 fill 96% of 7. Holds for cuDNN's attention too (one
+    program per 128 queries and head): over two halves of 12,032 keys as a batch of two, 589 -> 551 us
+    (benchmarks/results/cudnn_batched_split_session7.txt)."""
     if device.type != "cuda" or Lk < 16 * 128:
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count

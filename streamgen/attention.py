@@ -113,18 +113,28 @@ def _cudnn(q: Tensor, *sources: tuple[Tensor, Tensor]) -> Tensor:
 
     cuDNN runs 8-9% faster over a key count that is a multiple of 128 (H100, 4680 queries: 0.90 ms over 17,536
     keys, 0.98 over 17,550), and the engine's contexts (390- and 1560-token frames) rarely are: cuDNN takes each
-    source's longest such prefix, and one small kernel merges those results and folds in the last < 128 keys of
-    each."""
+    source's longest such prefix, and one small kernel merges those results and folds in the last keys of each.
+    Where one program per 128 queries and head leaves the GPU's last wave short (a denoising chunk of one stream:
+    444 programs, 3.4 waves of 132 SMs), cuDNN takes the prefix as two halves in one batch of two, q repeated by
+    stride 0 (H100: 589 -> 551 us over 12,032 keys, 237 -> 217 over 4,608;
+    benchmarks/results/cudnn_batched_split_session7.txt)."""
     lengths = [k.shape[1] for k, _ in sources]
     if max(lengths) < 128 or (len(sources) == 1 and lengths[0] % 128 == 0):  # nothing to fold in: plain SDPA
         return _sdpa(q, *_joined(sources))
-    from kernels import extend_attention
+    from kernels import extend_attention, key_splits
 
+    b, lq, h = q.shape[:3]
     partials, tails = [], []
     try:
         for (k, v), n in zip(sources, lengths):
             n -= n % 128
-            if n:
+            if b == 1 and key_splits(h * -(-lq // 128), n, q.device) == 2:
+                half = n // 256 * 128  # each half a multiple of 128; an odd 128 joins the tail
+                n = 2 * half
+                out, lse = _cudnn_with_lse(q.expand(2, -1, -1, -1), k[0, :n].unflatten(0, (2, half)),
+                                           v[0, :n].unflatten(0, (2, half)))
+                partials.append((out.unsqueeze(1), lse.unsqueeze(1)))
+            elif n:
                 partials.append(_cudnn_with_lse(q, k[:, :n], v[:, :n]))
             tails.append((k[:, n:], v[:, n:]))
     except RuntimeError as e:  # a shape cuDNN refuses (SDPA would have checked first): SDPA, said once

@@ -115,6 +115,40 @@ def test_cudnn_path_gives_cudnn_an_aligned_key_prefix_and_folds_in_the_rest(cudn
                                    atol=1e-5)
 
 
+def test_cudnn_path_splits_a_prefix_into_a_batch_of_two_halves_where_waves_are_short(cudnn_stand_in, monkeypatch):
+    """Where kernels.key_splits says two halves fill the GPU's last wave better (as on an H100 for a denoising
+    chunk), cuDNN takes an aligned prefix as a batch of two halves, each a multiple of 128 (q repeated by stride 0,
+    not copied; an odd 128 keys join the tail), and extend_attention merges the stacked results: the same attention
+    over all keys. Two streams (B = 2) are not split."""
+    import kernels
+
+    monkeypatch.setattr(kernels, "key_splits", lambda programs, lk, device: 2 if lk >= 256 else 1)
+    inner, calls = attn._cudnn_with_lse, []
+
+    def recording(q, k, v):
+        calls.append((q.shape[0], k.shape[1], q.stride(0)))
+        return inner(q, k, v)
+
+    monkeypatch.setattr(attn, "_cudnn_with_lse", recording)
+    torch.manual_seed(4)
+    for lc, lk, expect in ((700, 300, [(2, 256, 0), (2, 128, 0)]), (520, 100, [(2, 256, 0)]),
+                           (200, 530, [(1, 128, None), (2, 256, 0)])):
+        q, k, v = torch.randn(1, 40, 2, 16), torch.randn(1, lk, 2, 16), torch.randn(1, lk, 2, 16)
+        kc, vc = torch.randn(1, lc, 2, 16), torch.randn(1, lc, 2, 16)
+        calls.clear()
+        out = attention(q, k, v, context=(kc, vc))
+        assert [(b, n, stride if b == 2 else None) for b, n, stride in calls] == expect
+        torch.testing.assert_close(out, attn._sdpa(q, torch.cat([kc, k], 1), torch.cat([vc, v], 1)), rtol=1e-5,
+                                   atol=1e-5)
+    q, k, v = torch.randn(2, 40, 2, 16), torch.randn(2, 300, 2, 16), torch.randn(2, 300, 2, 16)
+    kc, vc = torch.randn(2, 700, 2, 16), torch.randn(2, 700, 2, 16)
+    calls.clear()
+    out = attention(q, k, v, context=(kc, vc))
+    assert [(b, n) for b, n, _ in calls] == [(2, 640), (2, 256)]
+    torch.testing.assert_close(out, attn._sdpa(q, torch.cat([kc, k], 1), torch.cat([vc, v], 1)), rtol=1e-5,
+                               atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", ["sdpa", "flash", "triton"])
 def test_other_backends_attend_over_context_and_own_keys_joined(monkeypatch, fake_flash, backend):
     monkeypatch.setattr(attn, "select_backend", lambda device_type, dtype: backend)

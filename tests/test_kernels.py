@@ -355,8 +355,32 @@ def test_extend_attention_rejects_mismatched_shapes():
         extend_attention(q, [(k[..., :16], k[..., :16])], [(prev.float(), lse.float())])
     with pytest.raises(ValueError, match="two key segments"):
         extend_attention(q, [(k, k)] * 3)
-    with pytest.raises(ValueError, match="partial result must match q"):
+    with pytest.raises(ValueError, match="partial result must be"):
         extend_attention(q, [(k, k)], [(prev.float()[:, :4], lse.float())])
+    with pytest.raises(ValueError, match="stack of at most two"):
+        extend_attention(q, [(k, k)], [(prev.float().expand(3, *q.shape), lse.float().expand(3, *lse.shape))])
+    with pytest.raises(ValueError, match="stacked like its result"):
+        extend_attention(q, [(k, k)], [(prev.float().expand(2, *q.shape), lse.float())])
+
+
+@pytest.mark.parametrize("dtype", ATTN_DTYPES)
+@pytest.mark.parametrize("halves, own, tails", [(24, 16, (7, 5)), (32, 0, (0, 9)), (8, 40, (0, 0))])
+def test_extend_attention_merges_stacked_halves(halves, own, tails, dtype):
+    """What the engine's cudnn path makes of a long context when a batch of two fills the GPU better than one call:
+    results over two equal halves of the context's prefix, stacked ((2, B, Lq, H, d), as one batched call returns
+    them), merged with the own prefix's result (if any) and both tails folded in equal attention over all the
+    keys."""
+    B, Lq, H, d = 1, 21, 2, 32
+    q = rand(B, Lq, H, d, dtype=dtype)
+    lens = [halves, halves, tails[0], own, tails[1]]
+    k, v = rand(B, sum(lens), H, d, dtype=dtype), rand(B, sum(lens), H, d, dtype=dtype)
+    bounds = torch.tensor([0, *lens]).cumsum(0).tolist()
+    parts = [(k[:, a:b], v[:, a:b]) for a, b in itertools.pairwise(bounds)]
+    first, second = prefix_result(q, *parts[0]), prefix_result(q, *parts[1])
+    stacked = (torch.stack([first[0], second[0]]).to(dtype), torch.stack([first[1], second[1]]).float())
+    partials = [stacked] + ([tuple(t.to(dtype) if t.dim() == 4 else t.float() for t in prefix_result(q, *parts[3]))]
+                            if own else [])
+    check_attention(extend_attention(q, [parts[2], parts[4]], partials), q, k, v)
 
 
 @pytest.mark.parametrize("blocks", [(16, 16), (32, 32)])
