@@ -10,8 +10,9 @@ it are skipped. Softmax is online (running max and sum, exp2 with the scale fold
 Rows whose limit is 0 see no key and get 0 (not NaN).
 
 `extend_attention` runs the same tile loop from results over other keys (normalised output + log-sum-exp, as cuDNN
-returns them; two are merged first): the engine's default on the H100 gives cuDNN the keys up to a multiple of 128
-(of a cached context and of a chunk's own tokens, which it keeps apart) and folds the rest in.
+returns them; up to four are merged first): the engine's default on the H100 gives cuDNN the keys up to a multiple
+of 128 (of a cached context and of a chunk's own tokens, which it keeps apart; each as two halves in one batched call
+where that fills the GPU's last wave better, `key_splits`) and folds the rest in.
 """
 
 from __future__ import annotations
