@@ -56,24 +56,21 @@ def vae_decode(device: torch.device) -> dict:
     """Whole-video streaming decode per VAE code path, chunked as the stream: seconds, peak GiB above the weights
     and max abs difference from the plain path (torch norm, channels-first, 3D convolutions)."""
     vae, latents, sizes = vae_decode_case(device)
-    # (fused norm, channels-last, frame convolutions, taps summed by the consumers, video frames per pass)
+    # (fused norm, channels-last, frame convolutions, Triton 3x3x3 convolutions, video frames per pass)
     variants = [(False, False, False, False, None), (True, True, False, False, None), (True, True, True, False, None),
                 (True, True, True, True, None), (True, True, True, True, 4), (True, True, True, True, 1)]
     # the last three: the default path, a whole chunk or a few frames per pass
     results: dict[str, dict] = {}
     reference: list[torch.Tensor] = []  # the plain path's frames per chunk
-    by_frames = vae_module.conv_by_frames
 
-    for fused, last, frame_convs, lazy_taps, per_pass in variants:
+    for fused, last, frame_convs, triton_convs, per_pass in variants:
         vae_module.set_fused_kernels(fused)
         vae_module.set_frame_convs(frame_convs)
-        # taps summed in place by the convolution (the path before the consumers summed them)
-        vae_module.conv_by_frames = by_frames if lazy_taps else lambda x, w, b, p, sum_taps=True: by_frames(x, w, b, p)
+        vae_module.set_triton_convs(triton_convs)
         vae.to_channels_last(last)
         vae.decode_pass_frames = per_pass
         name = (f"{'fused' if fused else 'torch'} norm, {'channels-last' if last else 'channels-first'}, "
-                f"{'frame' if frame_convs else '3D'} convs")
-        name += ", taps summed by the next kernel" if lazy_taps else ""
+                f"{'Triton 3x3x3' if triton_convs else 'frame' if frame_convs else '3D'} convs")
         name += f", {per_pass} frame{'s' if per_pass > 1 else ''} per pass" if per_pass else ""
         with torch.no_grad():
             for _ in range(2):  # the first pass builds cuDNN plans and compiles the kernels
@@ -99,7 +96,6 @@ def vae_decode(device: torch.device) -> dict:
               f"{diff:.3e}", flush=True)
 
     vae_module.set_fused_kernels(True)
-    vae_module.conv_by_frames = by_frames
     results["upsampling layers of a 3-latent chunk"] = upsampling_ab(vae)
     return results
 

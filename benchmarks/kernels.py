@@ -9,7 +9,9 @@ engine would run them) and ``scaled_dot_product_attention`` on (B, H, L, d) copi
 Each attention case has a second row, the engine's ``cudnn`` backend (cuDNN over the keys up to a multiple of 128,
 the rest folded in by ``kernels.extend_attention``) against the same SDPA baseline; each denoising case a third,
 ``cudnn apart``: the same keys as a cached context and the chunk's own tokens held apart, as the engine denoises
-(cuDNN over each one's aligned prefix, one merge).
+(cuDNN over each one's aligned prefix, one merge). The VAE decoder's causal 3x3x3 convs (``kernels.conv3d``, over
+zero-padded frames, bias added) run against the faster of cuDNN's two complete convs: one 2D conv per time tap summed
+in place (``vae.conv_by_frames``) or one conv3d; TFLOP/s = 2 * outputs * 27 * C.
 
 Default shapes: Wan2.1 1.3B (H=12, d=128), one chunk of 3 latent frames at 480x832 (Lq = 3 x 1560 = 4680 tokens),
 keys = own chunk + full cache of 2 chunks (9360) + k compressed frames (390 tokens each); plus the chunk-causal
@@ -31,6 +33,8 @@ import sys
 MODELS = {"1.3b": 12, "14b": 40}  # heads; head dim 128 for both
 FRAME_TOKENS = 1560  # 480x832 -> latent 60x104 -> patches 30x52
 COMPRESSED_FRAME_TOKENS = 390  # (1, 4, 4) patches: 15x26
+# the VAE decoder's causal 3x3x3 convs for a 3-latent chunk at 480x832: (C, CO, output frames, H, W) per stage
+VAE_CONVS = [(96, 96, 12, 480, 832), (192, 192, 12, 240, 416), (384, 384, 6, 120, 208), (384, 384, 3, 60, 104)]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,6 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph timings (graph_ms columns)")
     p.add_argument("--skip-attention", action="store_true")
     p.add_argument("--skip-elementwise", action="store_true")
+    p.add_argument("--skip-vae", action="store_true", help="skip the VAE decoder's causal 3x3x3 convs")
     return p.parse_args(argv)
 
 
@@ -64,6 +69,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     from kernels import attention as attn_mod
     from kernels.attention import attention_reference, chunk_attention
+    from kernels.conv3d import padded_conv3d
     from kernels.modulate import (
         gated_residual,
         gated_residual_reference,
@@ -73,6 +79,7 @@ def main(argv=None) -> int:
     from kernels.qk_norm_rope import rms_norm_rope, rms_norm_rope_reference, rope, rope_reference
     from streamgen.attention import Mask
     from streamgen.attention import attention as engine_attention
+    from streamgen.vae import conv_by_frames
 
     torch.manual_seed(0)
     dev = "cuda"
@@ -241,9 +248,36 @@ def main(argv=None) -> int:
             attention_case(f"attention refresh ({n} cmp chunks)", sum(q_chunks), lk,
                            list(zip(starts, starts[1:], ends)))
 
+    if not args.skip_vae:
+        F = torch.nn.functional
+        for c, o, t, h, w in VAE_CONVS:
+            buf = torch.randn(B, c, t + 2, h, w, device=dev, dtype=dtype).contiguous(
+                memory_format=torch.channels_last_3d)
+            weight = (torch.randn(o, c, 3, 3, 3, device=dev) / (27 * c) ** 0.5).to(dtype).contiguous(
+                memory_format=torch.channels_last_3d)
+            bias = torch.randn(o, device=dev, dtype=dtype)
+            padded = F.pad(buf.permute(0, 2, 3, 4, 1), (0, 0, 1, 1, 1, 1)).contiguous()  # zero ring, as the VAE
+            windows = [padded[:, k : k + t] for k in range(3)]
+            ref = F.conv3d(buf.float(), weight.float(), bias.float(), padding=(0, 1, 1))
+            # the faster of cuDNN's two ways: one 2D conv per time tap summed in place, or one 3D conv
+            libraries = {"frame convs": lambda buf=buf, weight=weight, bias=bias: conv_by_frames(buf, weight, bias,
+                                                                                                   (1, 1)),
+                         "conv3d": lambda buf=buf, weight=weight, bias=bias: F.conv3d(buf, weight, bias,
+                                                                                      padding=(0, 1, 1))}
+            name, library = min(libraries.items(), key=lambda kv: bench(kv[1]))
+            e, be = errors(padded_conv3d(windows, weight, bias), ref), errors(library(), ref)
+            del ref
+            flops = 2 * B * o * t * h * w * 27 * c
+            t_ = timings(lambda windows=windows, weight=weight, bias=bias: padded_conv3d(windows, weight, bias),
+                         library, flops)
+            report({"name": f"vae conv {c}->{o} (cuDNN {name})", "shape": f"({B},{c},{t}+2,{h},{w})",
+                    "unit": "TFLOP/s", "flops": flops, **t_, **e, "base_max_abs_err": be["max_abs_err"],
+                    "base_rel_err": be["rel_err"]})
+            del buf, padded, windows
+
     print()
     print("ms: do_bench (includes launch overhead); graph: CUDA-graph replay (GPU time only); perf from each; "
-          "torch = eager fp32 ops / SDPA")
+          "torch = eager fp32 ops / SDPA / cuDNN")
     print(f"{'kernel':<34} {'shape':<28} {'ms':>9} {'torch ms':>9} {'speedup':>7} {'perf':>8} {'torch':>8} "
           f"{'graph ms':>9} {'torch':>9} {'speedup':>7} {'perf':>8} {'torch':>8} {'unit':<8} {'max err':>9} "
           f"{'torch err':>9}")

@@ -26,20 +26,19 @@ buffer (each tap then reads one whole frame) and its kept frames are kept by ref
 the RMS norm (+ SiLU) is one Triton kernel (`kernels/vae_ops.py`) that writes there; `set_fused_kernels(False)`
 selects the plain torch ops, which autograd and CPUs always use. Every step keeps the activations' memory format, so
 `WanVAE.to_channels_last()` runs the whole network channels-last (cuDNN's native layout) without layout changes.
-There, and on CPUs, each causal 3D convolution runs as a sum of 2D convolutions over whole frames
-(`set_frame_convs`): the 2D kernels beat the 3D ones (measured on an H100 and on a 2-core CPU). In a residual block
-on CUDA those per-tap outputs and the conv's bias are left unsummed (`Taps`) for the kernel that reads them next to
-add (the next norm, the residual sum), which drops them once read, and each nearest-2x upsampling + 3x3 conv runs as
-one 2x2-phase convolution (`upsample2x_conv`). The blocks after the last temporal upsampler can take a chunk a few
-frames at a time (`WanVAE.decode_pass_frames`): they hold the full-resolution activations. Timings:
-benchmarks/RESULTS.md.
+There, on CUDA, each causal 3x3x3 conv is one Triton implicit GEMM (`kernels/conv3d.py`, `set_triton_convs`): its
+buffer holds zero-padded frames (the zero ring is the conv's spatial padding), all 27 taps are summed in registers
+and the bias and a residual block's shortcut are added as the result is written, once. Other convs, and all convs
+when it is off or on CPUs, run as sums of 2D convolutions over whole frames (`set_frame_convs`), which beat the 3D
+ones (measured on an H100 and on a 2-core CPU). Each nearest-2x upsampling + 3x3 conv runs as one 2x2-phase
+convolution (`upsample2x_conv`). The blocks after the last temporal upsampler can take a chunk a few frames at a time
+(`WanVAE.decode_pass_frames`): they hold the full-resolution activations. Timings: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 from typing import Annotated
@@ -142,6 +141,7 @@ def set_fused_kernels(enabled: bool) -> None:
 
 
 _frame_convs = True
+_triton_convs = True
 
 
 def set_frame_convs(enabled: bool) -> None:
@@ -155,37 +155,22 @@ def set_frame_convs(enabled: bool) -> None:
     _frame_convs = enabled
 
 
-@dataclass
-class Taps:
-    """A convolution's output not yet summed: its per-tap outputs (fresh tensors of one shape) and its bias (C,),
-    for the kernel that reads them next to add (the norm of the next conv, the residual sum). Read once: a norm
-    drops the parts once it has read them, so they free their memory while the next conv runs."""
-
-    parts: list[torch.Tensor]
-    bias: torch.Tensor | None
-
-
-Activation = torch.Tensor | Taps
-
-
-def _summed(a: Activation) -> torch.Tensor:
-    """The tensor an Activation stands for (its parts added in place into the first, a fresh conv output)."""
-    if isinstance(a, torch.Tensor):
-        return a
-    out = a.parts[0]
-    for part in a.parts[1:]:
-        out.add_(part)
-    return out if a.bias is None else out.add_(a.bias.view(-1, 1, 1, 1))
+def set_triton_convs(enabled: bool) -> None:
+    """Run the causal 3x3x3 convs (input channels a multiple of 16) as one Triton implicit GEMM each
+    (`kernels.conv3d.padded_conv3d`) where the fused kernels run (CUDA inference) with channels-last activations
+    (default), or as frame convolutions summed by cuDNN. Measured against cuDNN's per-tap 2D convs
+    (benchmarks/RESULTS.md). Switch between videos: a conv's kept frames differ between the two paths."""
+    global _triton_convs
+    _triton_convs = enabled
 
 
 def conv_by_frames(x: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None,
-                   padding: tuple[int, int], sum_taps: bool = True) -> Activation:
+                   padding: tuple[int, int]) -> torch.Tensor:
     """conv3d(x, weight, bias, stride 1, padding (0, *padding)) of x (B, C, T_in, H, W) with weight (O, C, kt, kh, kw)
     as out[:, :, t] = sum_k conv2d(x[:, :, t + k], weight[:, :, k]): each 2D convolution covers every output frame
     at once (frames folded into the batch; a view when B = 1 and x is channels-last). For one output frame x may
-    also be its kt input frames as separate (B, C, 1, H, W) tensors. Returns (B, O, T, H', W') in x's memory format,
-    or with `sum_taps=False` its `Taps` for the consumer to add as it reads them (cuDNN would add the bias in a
-    broadcast pass of its own: 116 of 800 ms of an H100's 81-frame decode)."""
+    also be its kt input frames as separate (B, C, 1, H, W) tensors. Returns (B, O, T, H', W') in x's memory
+    format."""
     kt = weight.shape[2]
     fmt = _frame_format(x if isinstance(x, torch.Tensor) else x[0])
     if isinstance(x, torch.Tensor):
@@ -197,16 +182,11 @@ def conv_by_frames(x: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tenso
         b, c, _, h, w = x[0].shape
         t = 1
         windows = (frame[:, :, 0] for frame in x)
-    taps: list[torch.Tensor] = []
+    out = None
     for k, window in enumerate(windows):
-        tap = weight[:, :, k].contiguous(memory_format=fmt)
-        y = F.conv2d(window, tap, bias if k == 0 and sum_taps else None, padding=padding)
-        if sum_taps and taps:
-            taps[0].add_(y)
-        else:
-            taps.append(y)
-    taps = [y.reshape(b, t, *y.shape[1:]).transpose(1, 2) for y in taps]
-    return taps[0] if sum_taps else Taps(taps, bias)
+        y = F.conv2d(window, weight[:, :, k].contiguous(memory_format=fmt), bias if k == 0 else None, padding=padding)
+        out = y if out is None else out.add_(y)
+    return out.reshape(b, t, *out.shape[1:]).transpose(1, 2)
 
 
 FEW_OUTPUTS = 4  # convs with at most this many output channels (the decoder's RGB conv) fold their taps into outputs
@@ -306,46 +286,88 @@ class CausalConv3d(nn.Conv3d):
         return self.convolve(x, lambda out: out.copy_(x), cache)
 
     def convolve(self, x: torch.Tensor, fill: Callable[[torch.Tensor], object], cache: TimeCache | None,
-                 sum_taps: bool = True) -> Activation:
-        """This conv of a chunk shaped like x (B, C, T, H, W) that `fill(out)` writes: `out` (x's shape) is the tail
-        of the conv's input buffer, after the kept frames of the previous chunk (zeros at the video start), so the
-        chunk (x itself, or the norm before the conv) is written once, straight where the conv reads it and no
-        [kept frames + chunk] concatenation is made. Keeps the buffer's last frames in `cache` for the next chunk.
-        `sum_taps=False`: the frame convolutions' per-tap outputs may come back unsummed (see `conv_by_frames`)."""
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
+        """This conv of a chunk shaped like x (B, C, T, H, W) that `fill(out)` writes, plus `residual` if given:
+        `out` (x's shape) is the tail of the conv's input buffer, after the kept frames of the previous chunk (zeros
+        at the video start), so the chunk (x itself, or the norm before the conv) is written once, straight where
+        the conv reads it and no [kept frames + chunk] concatenation is made. Keeps the buffer's last frames in
+        `cache` for the next chunk."""
         b, c, t, h, w = x.shape
         p, fmt, like = self.past_frames, _memory_format(x), dict(dtype=x.dtype, device=x.device)
         by_frames = (_frame_convs and self.stride == (1, 1, 1) and self.groups == 1
                      and (not x.is_cuda or fmt == torch.channels_last_3d))  # not CUDA channels-first
-        del x  # a conv tap `fill` reads (and frees) must not outlive it here
+        implicit = (_triton_convs and _fused(x) and fmt == torch.channels_last_3d and self.kernel_size == (3, 3, 3)
+                    and self.stride == (1, 1, 1) and self.groups == 1 and c % 16 == 0 and self.out_channels % 16 == 0)
+        del x  # a tensor `fill` reads must not outlive it here
         past = cache.past.get(self) if cache is not None else None  # what the previous chunk left (None: the start)
+        if implicit:
+            return self._padded_conv((b, c, t, h, w), like, fill, cache, past, residual)
         if by_frames and self.out_channels <= FEW_OUTPUTS:
             new = torch.empty((b, c, t, h, w), **like, memory_format=fmt)
             fill(new)
             out, pending = few_outputs_by_frames(new, self.weight, self.bias, self.padding[1:], past)
             if cache is not None:
                 cache.past[self] = pending
-            return out
-        if past is None:  # the video start
-            past = (torch.empty((b, c, 1, h, w), **like, memory_format=fmt).zero_(),) * p
-        if by_frames and t == 1:
+        elif by_frames and t == 1:
             # One frame (one-frame decode passes, a video's first latent frame): each tap reads one whole frame, so
             # the frames stay apart and the kept ones are kept by reference. Copying them in and out was a quarter
             # of a one-frame-per-pass decode's time on an H100.
+            past = past or (torch.empty((b, c, 1, h, w), **like, memory_format=fmt).zero_(),) * p
             new = torch.empty((b, c, 1, h, w), **like, memory_format=fmt)
             fill(new)
             frames = (*past, new)
             if cache is not None:
                 cache.past[self] = frames[-p:]
-            return conv_by_frames(frames, self.weight, self.bias, self.padding[1:], sum_taps)
-        buffer = torch.empty((b, c, p + t, h, w), **like, memory_format=fmt)
-        for i, frame in enumerate(past):
-            buffer[:, :, i : i + 1].copy_(frame)
-        fill(buffer[:, :, p:])
+            out = conv_by_frames(frames, self.weight, self.bias, self.padding[1:])
+        else:
+            past = past or (torch.empty((b, c, 1, h, w), **like, memory_format=fmt).zero_(),) * p
+            buffer = torch.empty((b, c, p + t, h, w), **like, memory_format=fmt)
+            for i, frame in enumerate(past):
+                buffer[:, :, i : i + 1].copy_(frame)
+            fill(buffer[:, :, p:])
+            if cache is not None:
+                cache.past[self] = buffer[:, :, -p:].clone().split(1, dim=2)  # clone: don't pin the whole chunk
+            out = (conv_by_frames(buffer, self.weight, self.bias, self.padding[1:]) if by_frames
+                   else super().forward(buffer))
+        return out if residual is None else out.add_(residual)
+
+    def _padded_conv(self, shape: tuple[int, ...], like: dict, fill: Callable[[torch.Tensor], object],
+                     cache: TimeCache | None, past: tuple[torch.Tensor, ...] | None,
+                     residual: torch.Tensor | None) -> torch.Tensor:
+        """`convolve` as one Triton implicit GEMM: the input buffer holds frames (B, F, H + 2, W + 2, C) whose zero
+        ring is the spatial padding; `fill` writes the inside. One-frame chunks keep their frames apart, as above."""
+        from kernels.conv3d import padded_conv3d
+
+        b, c, t, h, w = shape
+        p = self.past_frames
+        past = past or (torch.zeros((b, 1, h + 2, w + 2, c), **like),) * p
+        if t == 1:
+            new = _zero_ring(torch.empty((b, 1, h + 2, w + 2, c), **like))
+            fill(_inside(new))
+            windows = (*past, new)
+            kept = windows[-p:]
+        else:
+            buffer = torch.empty((b, p + t, h + 2, w + 2, c), **like)
+            for i, frame in enumerate(past):
+                buffer[:, i : i + 1].copy_(frame)
+            fill(_inside(_zero_ring(buffer[:, p:])))
+            windows = [buffer[:, k : k + t] for k in range(p + 1)]
+            kept = buffer[:, -p:].clone().split(1, dim=1)  # clone: don't pin the whole chunk
         if cache is not None:
-            cache.past[self] = buffer[:, :, -p:].clone().split(1, dim=2)  # clone: don't pin the whole chunk
-        if by_frames:
-            return conv_by_frames(buffer, self.weight, self.bias, self.padding[1:], sum_taps)
-        return super().forward(buffer)
+            cache.past[self] = kept
+        return padded_conv3d(windows, self.weight, self.bias, residual=residual)
+
+
+def _zero_ring(frames: torch.Tensor) -> torch.Tensor:
+    """Zero the outer ring of padded frames (B, F, H + 2, W + 2, C): the first and last row and column."""
+    frames[:, :, 0::frames.shape[2] - 1].zero_()
+    frames[:, :, 1:-1, 0::frames.shape[3] - 1].zero_()
+    return frames
+
+
+def _inside(frames: torch.Tensor) -> torch.Tensor:
+    """The (B, C, F, H, W) view of padded frames (B, F, H + 2, W + 2, C) without their ring."""
+    return frames[:, :, 1:-1, 1:-1].permute(0, 4, 1, 2, 3)
 
 
 class RMSNorm(nn.Module):
@@ -356,32 +378,22 @@ class RMSNorm(nn.Module):
         self.scale = dim**0.5
         self.gamma = nn.Parameter(torch.ones(dim, 1, 1, 1) if frames else torch.ones(dim, 1, 1))
 
-    def forward(self, x: Activation, silu: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Normalise x (B, C, ...) over C, then SiLU if `silu`; written into `out` (x's shape) when given. `Taps` x
-        are summed first (by the kernel as it reads them, when fused)."""
-        taps = Taps([x], None) if isinstance(x, torch.Tensor) else x
-        if _fused(taps.parts[0]):
+    def forward(self, x: torch.Tensor, silu: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalise x (B, C, ...) over C, then SiLU if `silu`; written into `out` (x's shape) when given."""
+        if _fused(x):
             from kernels.vae_ops import channel_rms_norm
 
-            y = channel_rms_norm(taps.parts[0], self.gamma, silu=silu, out=out, addends=taps.parts[1:],
-                                 shift=taps.bias)
-        else:
-            h = _summed(x)
-            y = F.normalize(h, dim=1) * self.scale * self.gamma.view(-1, *(1,) * (h.dim() - 2))
-            if silu:
-                y = F.silu(y)
-            y = y if out is None else out.copy_(y)
-        if isinstance(x, Taps):
-            x.parts.clear()  # read: free them (the caching allocator reuses them in stream order, so it is safe)
-        return y
+            return channel_rms_norm(x, self.gamma, silu=silu, out=out)
+        y = F.normalize(x, dim=1) * self.scale * self.gamma.view(-1, *(1,) * (x.dim() - 2))
+        if silu:
+            y = F.silu(y)
+        return y if out is None else out.copy_(y)
 
 
-def _norm_silu_conv(norm: RMSNorm, conv: CausalConv3d, x: Activation, cache: TimeCache | None,
-                    sum_taps: bool = True) -> Activation:
-    """conv(silu(norm(x))), the norm writing its output straight into the conv's input (and dropping x's parts when
-    they are Taps, so that they are gone before the conv allocates its own)."""
-    return conv.convolve(x if isinstance(x, torch.Tensor) else x.parts[0], lambda out: norm(x, silu=True, out=out),
-                         cache, sum_taps)
+def _norm_silu_conv(norm: RMSNorm, conv: CausalConv3d, x: torch.Tensor, cache: TimeCache | None,
+                    residual: torch.Tensor | None = None) -> torch.Tensor:
+    """conv(silu(norm(x))) (+ residual), the norm writing its output straight into the conv's input."""
+    return conv.convolve(x, lambda out: norm(x, silu=True, out=out), cache, residual)
 
 
 class ResidualBlock(nn.Module):
@@ -396,19 +408,10 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: TimeCache | None = None) -> torch.Tensor:
         h = self.conv_shortcut(x)
+        x = _norm_silu_conv(self.norm1, self.conv1, x, cache)
         if self.training and self.dropout.p > 0:
-            x = _norm_silu_conv(self.norm1, self.conv1, x, cache)
             return self.conv2(self.dropout(self.norm2(x, silu=True)), cache).add_(h)
-        # Fused (CUDA inference): the convs' per-tap outputs are added by the kernels that read them (the next norm,
-        # the residual sum) instead of in two extra passes per conv. The sums are conv outputs: added to in place.
-        lazy = _fused(x)
-        x = _norm_silu_conv(self.norm1, self.conv1, x, cache, sum_taps=not lazy)
-        x = _norm_silu_conv(self.norm2, self.conv2, x, cache, sum_taps=not lazy)
-        if isinstance(x, Taps):
-            from kernels.vae_ops import add_n
-
-            return add_n([*x.parts, h], out=x.parts[0], bias=x.bias)
-        return x.add_(h)
+        return _norm_silu_conv(self.norm2, self.conv2, x, cache, residual=h)  # the shortcut added as conv2 writes
 
 
 class AttentionBlock(nn.Module):

@@ -33,6 +33,7 @@ import pytest
 
 from kernels._launch import INTERPRET
 from kernels.attention import attention_reference, chunk_attention, extend_attention
+from kernels.conv3d import padded_conv3d, padded_conv3d_reference
 from kernels.modulate import (
     gated_residual,
     gated_residual_reference,
@@ -40,7 +41,7 @@ from kernels.modulate import (
     layernorm_modulate_reference,
 )
 from kernels.qk_norm_rope import rms_norm_rope, rms_norm_rope_reference, rope, rope_reference
-from kernels.vae_ops import add_n, channel_rms_norm, channel_rms_norm_reference
+from kernels.vae_ops import channel_rms_norm, channel_rms_norm_reference
 
 DEVICE = "cpu" if INTERPRET else "cuda"
 LOW = [torch.float16, torch.bfloat16]
@@ -461,47 +462,18 @@ def test_channel_rms_norm_strided_out_and_channels_last():
     check_ulp(channel_rms_norm(frames, gamma), channel_rms_norm_reference(*f64(frames, gamma)), torch.float32)
 
 
-@pytest.mark.parametrize("count", [1, 2])
-def test_channel_rms_norm_adds_addends_first(count):
-    x = rand(1, 12, 3, 5, 7)
-    parts = [rand(1, 12, 3, 5, 7).contiguous(memory_format=torch.channels_last_3d),  # any layouts
-             rand(1, 3, 12, 5, 7).transpose(1, 2)][:count]
-    gamma, shift = rand(12, 1, 1, 1), rand(12)
-    out = channel_rms_norm(x, gamma, silu=True, addends=parts, shift=shift)
-    total = sum((p.double() for p in parts), x.double()) + shift.double().view(-1, 1, 1, 1)
-    check_ulp(out, channel_rms_norm_reference(total, gamma.double(), silu=True), torch.float32)
-
-
-@pytest.mark.parametrize("count", [2, 3, 4])
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_add_n(count, channels_last, with_bias):
-    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
-    inputs = [rand(2, 6, 3, 5, 4).contiguous(memory_format=fmt) for _ in range(count)]
-    bias = rand(6) if with_bias else None
-    expected = sum(t.double() for t in inputs)
-    expected = (expected if bias is None else expected + bias.double().view(-1, 1, 1, 1)).float()
-    torch.testing.assert_close(add_n(inputs, bias=bias), expected, rtol=1e-6, atol=1e-6)
-    out = add_n(inputs, out=inputs[0], bias=bias)  # into the first input, as the VAE's residual sum does
-    assert out.data_ptr() == inputs[0].data_ptr()
-    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
-
-
-def test_add_n_of_different_layouts_goes_through_torch():
-    a = rand(1, 6, 3, 5, 4)
-    b = rand(1, 3, 6, 5, 4).transpose(1, 2)
-    torch.testing.assert_close(add_n([a, b]), a + b)
-
-
-def test_add_n_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="2 to 4 tensors of one shape"):
-        add_n([rand(2, 3)])
-    with pytest.raises(ValueError, match="2 to 4 tensors of one shape"):
-        add_n([rand(2, 3), rand(3, 2)])
-    with pytest.raises(ValueError, match="out must have shape"):
-        add_n([rand(2, 3), rand(2, 3)], out=rand(3, 3))
-    with pytest.raises(ValueError, match="addends must be up to two tensors"):
-        channel_rms_norm(rand(1, 4, 3), rand(4), addends=[rand(1, 4, 2)])
+def test_channel_rms_norm_into_the_inside_of_padded_frames():
+    """out = the inside of zero-padded frames (B, F, H + 2, W + 2, C) seen as (B, C, F, H, W): three position runs
+    (rows, frames, pixels), the layout of a Triton conv's input buffer; the ring stays as it was."""
+    x = rand(2, 16, 3, 4, 5).contiguous(memory_format=torch.channels_last_3d)
+    gamma = rand(16, 1, 1, 1)
+    frames = torch.full((2, 3, 6, 7, 16), 7.0, device=DEVICE)
+    inside = frames[:, :, 1:-1, 1:-1].permute(0, 4, 1, 2, 3)
+    channel_rms_norm(x, gamma, silu=True, out=inside)
+    check_ulp(inside, channel_rms_norm_reference(*f64(x, gamma), silu=True), torch.float32)
+    ring = torch.ones_like(frames, dtype=torch.bool)
+    ring[:, :, 1:-1, 1:-1] = False
+    assert (frames[ring] == 7.0).all()
 
 
 def test_channel_rms_norm_rejects_bad_arguments():
@@ -509,6 +481,72 @@ def test_channel_rms_norm_rejects_bad_arguments():
         channel_rms_norm(rand(1, 4, 3), rand(5))
     with pytest.raises(ValueError, match="out must be"):
         channel_rms_norm(rand(1, 4, 3), rand(4), out=rand(1, 4, 4))
+
+
+def padded_frames(b: int, f: int, h: int, w: int, c: int) -> torch.Tensor:
+    """Random frames (B, F, H + 2, W + 2, C) with the zero ring a padded conv input has."""
+    return torch.nn.functional.pad(rand(b, f, h, w, c), (0, 0, 1, 1, 1, 1))
+
+
+# (B, C, CO, T, H, W): one accumulator (CO 16, 48 masked to 64), two (96 = 64 + 32, 192 = 128 + 64), several programs
+# along CO (384 = 2 x 192), tiles crossing rows and frames, a frame smaller than one tile
+CONV_CASES = [(1, 16, 16, 2, 5, 7), (2, 16, 48, 3, 4, 9), (1, 32, 96, 2, 6, 5), (1, 16, 192, 1, 3, 3),
+              (1, 64, 384, 1, 2, 3)]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=str)
+@pytest.mark.parametrize("bias,residual", [(False, False), (True, False), (True, True)])
+def test_padded_conv3d_over_a_buffer(case, bias, residual):
+    """Windows = a [2 kept frames + chunk] buffer shifted by 0, 1, 2 frames; against fp64 conv3d (27 C products
+    summed in fp32: within 1e-5)."""
+    b, c, co, t, h, w = case
+    buf = padded_frames(b, t + 2, h, w, c)
+    windows = [buf[:, k : k + t] for k in range(3)]
+    weight = rand(co, c, 3, 3, 3, scale=(27 * c) ** -0.5)
+    b_ = rand(co) if bias else None
+    r = rand(b, co, t, h, w).contiguous(memory_format=torch.channels_last_3d) if residual else None
+    out = padded_conv3d(windows, weight, b_, residual=r, block_m=32)
+    ref = padded_conv3d_reference(f64(*windows), weight.double(), *f64(b_, r))
+    assert out.shape == (b, co, t, h, w) and out.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    # the same conv with plain padding, as F.conv3d sees an unpadded video
+    video = buf[:, :, 1:-1, 1:-1].permute(0, 4, 1, 2, 3).double()
+    plain = torch.nn.functional.conv3d(video, weight.double(), None if b_ is None else b_.double(), padding=(0, 1, 1))
+    torch.testing.assert_close(out.double(), plain if r is None else plain + r.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_padded_conv3d_of_separate_frames_and_into_out():
+    """A one-frame chunk: three separate padded frames (the kept ones held by reference), one per time tap; the
+    result written into a given strided `out`; fp16 too (where the interpreter's dot is right)."""
+    frames = [padded_frames(1, 1, 4, 6, 32) for _ in range(3)]
+    weight = rand(96, 32, 3, 3, 3, scale=(27 * 32) ** -0.5)
+    ref = padded_conv3d_reference(f64(*frames), weight.double())
+    out = torch.zeros(1, 2, 4, 6, 96, device=DEVICE).permute(0, 4, 1, 2, 3)[:, :, 1:]  # frame 1 of a (1, 96, 2, ...)
+    assert padded_conv3d(frames, weight, out=out).data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    half = padded_conv3d([f.half() for f in frames], weight.half())
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half.double(), ref, rtol=2e-3, atol=2e-3)
+
+
+def test_padded_conv3d_rejects_bad_arguments():
+    buf = padded_frames(1, 4, 3, 3, 16)
+    windows = [buf[:, k : k + 2] for k in range(3)]
+    weight = rand(16, 16, 3, 3, 3)
+    with pytest.raises(ValueError, match="3 time taps, got 2 windows"):
+        padded_conv3d(windows[:2], weight)
+    with pytest.raises(ValueError, match="odd height and width"):
+        padded_conv3d(windows, rand(16, 16, 3, 2, 3))
+    with pytest.raises(ValueError, match="windows must be"):
+        padded_conv3d(windows, rand(16, 32, 3, 3, 3))
+    with pytest.raises(ValueError, match="dense padded frames"):
+        padded_conv3d([w[:, :, :, 1:] for w in windows], weight)  # a frame's rows no longer dense
+    with pytest.raises(ValueError, match="multiples of 16"):
+        padded_conv3d([w[..., :8] for w in padded_frames(1, 4, 3, 3, 8).split(1, dim=1)[:3]], rand(16, 8, 3, 3, 3))
+    with pytest.raises(ValueError, match="residual must be"):
+        padded_conv3d(windows, weight, residual=rand(1, 16, 2, 3, 3))  # channels-first: channel stride is not 1
+    with pytest.raises(ValueError, match="bias must hold 16"):
+        padded_conv3d(windows, weight, rand(8))
 
 
 def test_channel_rms_norm_reference_matches_the_vae_norm():

@@ -1,0 +1,205 @@
+"""Causal 3x3x3 convolution of channels-last video as one implicit GEMM: the Wan VAE's residual-block convs.
+
+cuDNN runs such a conv fastest as three 2D convolutions, one per time tap, whose outputs then have to be added: at
+the decoder's full resolution each tap output is a frame-sized write and read. Here one program owns a tile of output
+positions x output channels and accumulates all kt * kh * kw taps x C input channels (K = 27 C) in fp32 registers,
+then adds the bias (and optionally a residual) and writes the result once.
+
+Zero-padded frames make every tap a plain shift. The input frames are stored with a ring of zeros (H + 2, W + 2 for
+a 3x3 kernel) that the conv's padding reads, and the output is computed at every position of the padded frame, in
+row-major order: then the input rows that tap (dh, dw) needs for BLOCK_M consecutive positions are BLOCK_M
+consecutive rows of the (positions, C) matrix, shifted by dh * (W + 2) + dw. So each K block is one TMA tile load
+(`TensorDescriptor`; rows before the first or after the last frame come back as zeros) feeding the tensor cores,
+with no per-element address or mask arithmetic; the ring positions' outputs are computed and dropped (0.7% extra
+work at 480x832). Time is causal and comes as kt windows, one per time tap: tap k of output frame t reads frame t of
+``windows[k]`` (a [kept frames + chunk] buffer shifted by k, or kt separate frames for a one-frame chunk), so the
+caller decides where the past comes from. The weight is read as a (kt, kh, kw, C, CO) matrix (`tap_major`, a copy
+made per call: 8 MB for 384 channels, microseconds).
+
+Output channels that are not a power of two (the decoder's 96, 192, 384) are covered by two accumulators of power-
+of-two widths (64 + 32, 128 + 64) sharing every input tile, so no MMA work is spent on padding. Measured on an H100
+against cuDNN (benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from ._launch import check_tensors
+
+__all__ = ["padded_conv3d", "padded_conv3d_reference"]
+
+
+@triton.jit
+def _padded_conv3d_kernel(
+    x0_desc, x1_desc, x2_desc, w_desc, w2_desc, bias_ptr, res_ptr, out_ptr,
+    T, H, W, CO, rows0_b, rows1_b, rows2_b,
+    srb, srt, srh, srw,
+    sob, sot, soh, sow,
+    C: tl.constexpr, KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """grid = (cdiv(HP * WP, BLOCK_M), cdiv(CO, BLOCK_N + BLOCK_N2), B * T): BLOCK_M consecutive positions of the
+    padded frame (HP x WP, row-major) of output frame t of batch b, output channels [n0, n0 + BLOCK_N + BLOCK_N2)
+    in two accumulators (BLOCK_N2 = 0: one). Positions on the padding ring are computed and not stored."""
+    pid_m = tl.program_id(0)
+    n0 = tl.program_id(1) * (BLOCK_N + BLOCK_N2)
+    bt = tl.program_id(2)
+    b = bt // T
+    t = bt % T
+    WP = W + KW - 1
+    FP = (H + KH - 1) * WP
+    p0 = pid_m * BLOCK_M
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if BLOCK_N2 > 0:
+        acc2 = tl.zeros((BLOCK_M, BLOCK_N2), dtype=tl.float32)
+
+    for kt in tl.static_range(KT):
+        if kt == 0:
+            desc = x0_desc
+            row0 = b * rows0_b
+        elif kt == 1:
+            desc = x1_desc
+            row0 = b * rows1_b
+        else:
+            desc = x2_desc
+            row0 = b * rows2_b
+        row0 += t * FP + p0 - (KH // 2) * WP - KW // 2  # tap (0, 0) of the tile's first position
+        for i in range(KH * KW * C // BLOCK_K):  # C % BLOCK_K == 0: a K block never straddles two spatial taps
+            tap = (i * BLOCK_K) // C
+            a = desc.load([row0 + (tap // KW) * WP + tap % KW, (i * BLOCK_K) % C])
+            k = kt * KH * KW * C + i * BLOCK_K
+            acc = tl.dot(a, w_desc.load([k, n0]), acc)
+            if BLOCK_N2 > 0:
+                acc2 = tl.dot(a, w2_desc.load([k, n0 + BLOCK_N]), acc2)
+
+    p = p0 + tl.arange(0, BLOCK_M)
+    h = p // WP - KH // 2
+    w = p % WP - KW // 2
+    inside = (p < FP) & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+    h64 = h.to(tl.int64)
+    w64 = w.to(tl.int64)
+    pix_o = h64 * soh + w64 * sow + b.to(tl.int64) * sob + t.to(tl.int64) * sot
+    pix_r = h64 * srh + w64 * srw + b.to(tl.int64) * srb + t.to(tl.int64) * srt
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    _epilogue(acc, offs_n, offs_n < CO, inside, pix_o, pix_r, bias_ptr, res_ptr, out_ptr, HAS_BIAS, HAS_RES)
+    if BLOCK_N2 > 0:
+        offs_n2 = n0 + BLOCK_N + tl.arange(0, BLOCK_N2)
+        _epilogue(acc2, offs_n2, offs_n2 < CO, inside, pix_o, pix_r, bias_ptr, res_ptr, out_ptr, HAS_BIAS, HAS_RES)
+
+
+@triton.jit
+def _epilogue(acc, offs_n, mask_n, inside, pix_o, pix_r, bias_ptr, res_ptr, out_ptr,
+              HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
+    """out[pixels, channels] = acc (+ bias[channel]) (+ residual), rounded once."""
+    mask = inside[:, None] & mask_n[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if HAS_RES:
+        acc += tl.load(res_ptr + pix_r[:, None] + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + pix_o[:, None] + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def tap_major(weight: torch.Tensor) -> torch.Tensor:
+    """A conv weight (CO, C, kt, kh, kw) as the (kt * kh * kw * C, CO) matrix the kernel reads (a contiguous copy)."""
+    return weight.permute(2, 3, 4, 1, 0).reshape(-1, weight.shape[0]).contiguous()
+
+
+def _blocks(C: int, CO: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_N2, BLOCK_K) for C inputs and CO outputs: CO covered by 64 + 32, 128 + 64, or a power of two
+    up to 128 (then several programs along CO); BLOCK_K the largest of 64, 32, 16 dividing C (a multiple of 16)."""
+    block_k = next(k for k in (64, 32, 16) if C % k == 0)
+    if CO % 192 == 0:
+        return 128, 64, block_k
+    if CO % 96 == 0:
+        return 64, 32, block_k
+    return min(triton.next_power_of_2(CO), 128), 0, block_k
+
+
+def padded_conv3d(
+    windows: Sequence[torch.Tensor],
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    residual: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    block_m: int = 128,
+    block_n: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 4,
+) -> torch.Tensor:
+    """out[:, :, t] = sum_k conv2d(windows[k][:, t], weight[:, :, k]) (+ bias) (+ residual), all kt * kh * kw * C
+    products of a value summed in fp32 and rounded once.
+
+    windows: kt tensors (B, T, H + kh - 1, W + kw - 1, C), frames already zero-padded in space (a zero ring the
+    conv's padding reads), each frame's rows and pixels dense (strides ((H + kh - 1)(W + kw - 1) C, (W + kw - 1) C,
+    C, 1) for dims 1..4); tap k reads windows[k]. weight: (CO, C, kt, kh, kw), odd kh and kw, C and CO multiples of
+    16 (read through a tap-major copy, `tap_major`); residual, out: (B, CO, T, H, W) with channel stride 1 (out by
+    default new, channels-last, windows' dtype). ``block_m``, ``block_n`` (one accumulator of that many output
+    channels instead of the default split), ``num_warps``, ``num_stages``: launch settings, for tuning. Returns
+    ``out``.
+    """
+    if weight.dim() != 5:
+        raise ValueError(f"weight must be (CO, C, kt, kh, kw), got {tuple(weight.shape)}")
+    CO, C, kt, kh, kw = weight.shape
+    if len(windows) != kt:
+        raise ValueError(f"weight has {kt} time taps, got {len(windows)} windows")
+    if kt > 3 or kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(f"kernel must have at most 3 time taps and odd height and width, got {(kt, kh, kw)}")
+    x = windows[0]
+    if x.dim() != 5 or x.shape[4] != C or x.shape[2] < kh or x.shape[3] < kw:
+        raise ValueError(f"windows must be (B, T, H + {kh - 1}, W + {kw - 1}, {C}), got {tuple(x.shape)}")
+    B, T, HP, WP, _ = x.shape
+    H, W = HP - kh + 1, WP - kw + 1
+    dense = (HP * WP * C, WP * C, C, 1)
+    for win in windows:
+        if win.shape != x.shape or win.dtype != x.dtype or win.stride()[1:] != dense or win.stride(0) % C:
+            raise ValueError(f"windows must share shape {tuple(x.shape)} and dtype {x.dtype}, with dense padded "
+                             f"frames (strides (*, {dense})), got {tuple(win.shape)} {win.dtype} {win.stride()}")
+    shape = (B, CO, T, H, W)
+    for name, t in (("residual", residual), ("out", out)):
+        if t is not None and (t.shape != shape or t.stride(1) != 1):
+            raise ValueError(f"{name} must be {shape} with channel stride 1, got {tuple(t.shape)} {t.stride()}")
+    if C % 16 or CO % 16:
+        raise ValueError(f"input and output channels must be multiples of 16, got {C} and {CO}")
+    if bias is not None and bias.numel() != CO:
+        raise ValueError(f"bias must hold {CO} values, got shape {tuple(bias.shape)}")
+    taps = tap_major(weight.to(x.dtype))
+    if out is None:
+        out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
+    check_tensors(*windows, taps, bias, residual, out)
+    if out.numel() == 0:
+        return out
+    block_n, block_n2, block_k = _blocks(C, CO) if block_n is None else (block_n, 0, _blocks(C, CO)[2])
+    padded = [*windows, *[x] * (3 - kt)]
+    # each window as (rows, C): batch b's frame t, padded position p is row b * stride(0) / C + t * HP * WP + p
+    descs = [TensorDescriptor(win, [(B - 1) * win.stride(0) // C + T * HP * WP, C], [C, 1], [block_m, block_k])
+             for win in padded]
+    w_descs = [TensorDescriptor(taps, list(taps.shape), [CO, 1], [block_k, n]) for n in (block_n, block_n2 or block_n)]
+    res = residual if residual is not None else out
+    grid = (triton.cdiv(HP * WP, block_m), triton.cdiv(CO, block_n + block_n2), B * T)
+    _padded_conv3d_kernel[grid](
+        *descs, *w_descs, bias if bias is not None else taps, res, out,
+        T, H, W, CO, *(win.stride(0) // C for win in padded),
+        res.stride(0), res.stride(2), res.stride(3), res.stride(4),
+        out.stride(0), out.stride(2), out.stride(3), out.stride(4),
+        C=C, KT=kt, KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_N2=block_n2, BLOCK_K=block_k,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
+
+
+def padded_conv3d_reference(windows: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None = None,
+                            residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain torch :func:`padded_conv3d`: one unpadded conv3d over the padded frames the windows cover, in the
+    inputs' dtype. Window k is frames k .. k + T - 1 of that video: the first window plus each later one's last."""
+    x = torch.cat([windows[0], *(win[:, -1:] for win in windows[1:])], dim=1).permute(0, 4, 1, 2, 3)
+    y = torch.nn.functional.conv3d(x, weight, bias)
+    return y if residual is None else y + residual
