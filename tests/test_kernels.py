@@ -561,8 +561,8 @@ def test_channel_rms_norm_reference_matches_the_vae_norm():
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_vae_fused_path_matches_torch(monkeypatch, channels_last):
-    """The VAE's fused code path (norm written straight into conv input buffers, conv taps summed by the norm and
-    residual kernels) run through the kernels, on CPU."""
+    """The VAE's fused code path (norm written straight into conv input buffers; channels-last, the 16-channel causal
+    convs as Triton implicit GEMMs over zero-padded frames) run through the kernels, on CPU."""
     import streamgen.vae as vae_module
     from streamgen.vae import StreamingDecoder, WanVAE
     from streamgen.vae import preset as vae_preset
