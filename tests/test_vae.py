@@ -247,6 +247,30 @@ def test_streaming_decode_by_frames_equals_the_conv3d_path(vae64, channels_last)
     torch.testing.assert_close(outs[True], outs[False], rtol=0, atol=1e-10)
 
 
+def test_fused_batch_decode_and_encode_equal_the_torch_path(vae, monkeypatch):
+    """Two videos at once through the Triton convs (batch strides of padded buffers and of kept frames), and the
+    encoder's residual blocks through them too (I2V / V2V context), against the torch path."""
+    import kernels.conv3d
+    from streamgen import vae as vae_module
+
+    z, clip = latents(3, batch=2), video(9, batch=2)
+    vae.to_channels_last(True)
+    batches = []  # the batch each Triton conv saw
+    conv = kernels.conv3d.padded_conv3d
+    monkeypatch.setattr(kernels.conv3d, "padded_conv3d", lambda *a, **k: batches.append(len(a[0][0])) or conv(*a, **k))
+    try:
+        expected = vae.decode(z, [1, 2]), vae.encode(clip, 4)
+        monkeypatch.setattr(vae_module, "_fused", lambda x: not torch.is_grad_enabled())
+        decoded = vae.decode(z, [1, 2])
+        in_decode = len(batches)
+        encoded = vae.encode(clip, 4)
+    finally:
+        vae.to_channels_last(False)
+    torch.testing.assert_close(decoded, expected[0], rtol=0, atol=1e-4)
+    torch.testing.assert_close(encoded, expected[1], rtol=0, atol=1e-4)
+    assert 0 < in_decode < len(batches) and set(batches) == {2}
+
+
 @pytest.mark.parametrize("pass_frames", [None, 1])
 def test_fused_decode_equals_the_torch_path(vae, monkeypatch, pass_frames):
     """The CUDA inference path (Triton norm kernel, and the 16-channel causal convs as Triton implicit GEMMs over
