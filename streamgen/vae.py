@@ -440,7 +440,8 @@ def upsample2x_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     input. Output pixel (2i + a, 2j + b) reads input rows (i - 1, i) for a = 0 and (i, i + 1) for a = 1 (columns
     alike), so each phase (a, b) is a 2x2 convolution of x whose taps are sums of the 3x3 taps that land on one
     input pixel: 2.25x fewer multiply-adds. The four phases come out of one convolution (4 O channels, padding 1,
-    phase (a, b) at offset (a, b) of its (H + 1, W + 1) output), and one strided copy interleaves them. Returns
+    phase (a, b) at offset (a, b) of its (H + 1, W + 1) output), and one strided pass interleaves them, adding the
+    bias. Returns
     (N, O, 2H, 2W) in x's memory format."""
     n, _, h, w = x.shape
     o = conv.out_channels
@@ -452,13 +453,18 @@ def upsample2x_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
 
     fmt = _memory_format(x)
     w4 = torch.cat([kb for ka in phases(weight, 2) for kb in phases(ka, 3)]).to(x.dtype)
-    bias = None if conv.bias is None else conv.bias.repeat(4)
-    y = F.conv2d(x, w4.contiguous(memory_format=fmt), bias, padding=1)  # (N, 4 O, H + 1, W + 1)
+    y = F.conv2d(x, w4.contiguous(memory_format=fmt), padding=1)  # (N, 4 O, H + 1, W + 1)
     sn, sc, sh, sw = y.stride()
     # y[n, (2a + b) O + o, i + a, j + b] for (n, a, b, o, i, j): one strided view, no copy
     split = y.as_strided((n, 2, 2, o, h, w), (sn, 2 * o * sc + sh, o * sc + sw, sc, sh, sw), y.storage_offset())
     out = torch.empty((n, o, 2 * h, 2 * w), dtype=y.dtype, device=y.device, memory_format=fmt)
-    out.unflatten(2, (h, 2)).unflatten(4, (w, 2)).permute(0, 3, 5, 1, 2, 4).copy_(split)
+    phased = out.unflatten(2, (h, 2)).unflatten(4, (w, 2)).permute(0, 3, 5, 1, 2, 4)
+    if conv.bias is None:
+        phased.copy_(split)
+    elif torch.is_grad_enabled():  # out= has no autograd
+        phased.copy_(split + conv.bias.view(o, 1, 1))
+    else:  # the bias added as the phases are interleaved: cuDNN would add it to y in a pass of its own
+        torch.add(split, conv.bias.view(o, 1, 1).to(y.dtype), out=phased)
     return out
 
 

@@ -517,9 +517,10 @@ def test_padded_conv3d_over_a_buffer(case, bias, residual):
 
 def test_padded_conv3d_of_separate_frames_and_into_out():
     """A one-frame chunk: three separate padded frames (the kept ones held by reference), one per time tap; the
-    result written into a given strided `out`; fp16 too (where the interpreter's dot is right)."""
+    result written into a given strided `out`; a channels-last weight (read in place, as the VAE's); fp16 too (where
+    the interpreter's dot is right)."""
     frames = [padded_frames(1, 1, 4, 6, 32) for _ in range(3)]
-    weight = rand(96, 32, 3, 3, 3, scale=(27 * 32) ** -0.5)
+    weight = rand(96, 32, 3, 3, 3, scale=(27 * 32) ** -0.5).contiguous(memory_format=torch.channels_last_3d)
     ref = padded_conv3d_reference(f64(*frames), weight.double())
     out = torch.zeros(1, 2, 4, 6, 96, device=DEVICE).permute(0, 4, 1, 2, 3)[:, :, 1:]  # frame 1 of a (1, 96, 2, ...)
     assert padded_conv3d(frames, weight, out=out).data_ptr() == out.data_ptr()

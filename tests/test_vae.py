@@ -299,13 +299,16 @@ def test_fused_decode_equals_the_torch_path(vae, monkeypatch, pass_frames):
 
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
-def test_upsample2x_conv_equals_nearest_upsampling_then_conv_float64(channels_last, bias):
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "inference"])
+def test_upsample2x_conv_equals_nearest_upsampling_then_conv_float64(channels_last, bias, grad):
     g = torch.Generator().manual_seed(4)
     x = torch.randn(3, 5, 7, 4, generator=g, dtype=torch.float64)  # odd and even sides
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     conv = nn.Conv2d(5, 6, 3, padding=1, bias=bias).double()
-    out = upsample2x_conv(x, conv)
+    with torch.set_grad_enabled(grad):  # the bias is added in the interleaving pass (out=) without autograd only
+        out = upsample2x_conv(x, conv)
+    assert out.requires_grad == grad
     expected = conv(x.repeat_interleave(2, -1).repeat_interleave(2, -2))
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
     assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
