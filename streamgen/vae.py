@@ -156,7 +156,7 @@ def set_frame_convs(enabled: bool) -> None:
 
 
 def set_triton_convs(enabled: bool) -> None:
-    """Run the causal 3x3x3 convs (input channels a multiple of 16) as one Triton implicit GEMM each
+    """Run the causal 3x3x3 convs (input and output channels multiples of 16) as one Triton implicit GEMM each
     (`kernels.conv3d.padded_conv3d`) where the fused kernels run (CUDA inference) with channels-last activations
     (default), or as frame convolutions summed by cuDNN. Measured against cuDNN's per-tap 2D convs
     (benchmarks/RESULTS.md). Switch between videos: a conv's kept frames differ between the two paths."""
