@@ -9,6 +9,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from vae_ab_session8 import decode_seconds
 
 from kernels.conv3d import padded_conv3d
 from streamgen.bench import vae_decode_case
@@ -45,18 +46,8 @@ def main() -> None:
         vae.decode_pass_frames = frames
         with torch.no_grad():
             for _ in range(3):
-                decoder = vae.stream_decoder()
-                torch.cuda.synchronize()
-                t = time.perf_counter()
-                host = 0.0
-                for chunk in latents.split(sizes, dim=2):
-                    h = time.perf_counter()
-                    out = decoder.decode(chunk)
-                    host += time.perf_counter() - h
-                    del out
-                torch.cuda.synchronize()
-                print(f"decode, {frames or 'whole chunk'} frames per pass: {time.perf_counter() - t:.3f} s, host "
-                      f"{host:.3f} s", flush=True)
+                wall, host = decode_seconds(vae, latents, sizes)
+                print(f"decode, {frames or 'whole chunk'} frames per pass: {wall:.3f} s, host {host:.3f} s", flush=True)
 
 
 if __name__ == "__main__":

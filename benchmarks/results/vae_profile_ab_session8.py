@@ -6,8 +6,8 @@
 import time
 
 import torch
-from abtmp_session8 import old_vae
 from torch.profiler import ProfilerActivity, profile
+from vae_ab_session8 import session7_copy
 
 from streamgen.bench import vae_decode_case
 
@@ -15,9 +15,8 @@ from streamgen.bench import vae_decode_case
 def main():
     device = torch.device("cuda")
     vae, latents, sizes = vae_decode_case(device)
-    old = old_vae.WanVAE(vae.config).eval().to(device=device, dtype=torch.bfloat16)
-    old.load_state_dict(vae.state_dict())
-    vae.to_channels_last(), old.to_channels_last()
+    vae.to_channels_last()
+    old = session7_copy(vae)
     with torch.no_grad():
         for name, v in (("new", vae), ("old", old), ("new", vae), ("old", old)):
             v.decode(latents, sizes)

@@ -13,23 +13,9 @@ last commit's files, put next to this script for the run (not kept in the repo):
 import time
 
 import torch
-from abtmp_session8 import old_vae
+from vae_ab_session8 import decode_seconds, session7_copy
 
 from streamgen.bench import random_pipeline, vae_decode_case
-
-
-def decode_seconds(vae, latents, sizes):
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    cpu = 0.0
-    decoder = vae.stream_decoder()
-    for chunk in latents.split(sizes, dim=2):
-        c = time.perf_counter()
-        frames = decoder.decode(chunk)
-        cpu += time.perf_counter() - c
-        del frames
-    torch.cuda.synchronize()
-    return time.perf_counter() - t, cpu
 
 
 def stream_seconds(pipe, prompt, steps):
@@ -44,9 +30,8 @@ def stream_seconds(pipe, prompt, steps):
 def main():
     device = torch.device("cuda")
     vae, latents, sizes = vae_decode_case(device)
-    old = old_vae.WanVAE(vae.config).eval().to(device=device, dtype=torch.bfloat16)
-    old.load_state_dict(vae.state_dict())
-    vae.to_channels_last(), old.to_channels_last()
+    vae.to_channels_last()
+    old = session7_copy(vae)
     with torch.no_grad():
         for rep in range(3):
             for name, v in (("new", vae), ("old", old)):
@@ -58,9 +43,7 @@ def main():
     del vae, a, b
     pipe = random_pipeline("1.3B", device, torch.bfloat16)
     new = pipe.vae
-    old = old_vae.WanVAE(new.config).eval().to(device=device, dtype=torch.bfloat16)
-    old.load_state_dict(new.state_dict())
-    old.to_channels_last()
+    old = session7_copy(new)
     prompt = torch.randn(1, 512, 4096, device=device, dtype=torch.bfloat16)
     for v in (new, old):
         pipe.vae = v
