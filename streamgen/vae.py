@@ -302,7 +302,10 @@ class CausalConv3d(nn.Conv3d):
         past = cache.past.get(self) if cache is not None else None  # what the previous chunk left (None: the start)
         if implicit:
             return self._padded_conv((b, c, t, h, w), like, fill, cache, past, residual)
-        if by_frames and self.out_channels <= FEW_OUTPUTS:
+        few_outputs = by_frames and self.out_channels <= FEW_OUTPUTS  # it keeps partial sums, not frames
+        if past is None and not few_outputs:  # the video start
+            past = (torch.empty((b, c, 1, h, w), **like, memory_format=fmt).zero_(),) * p
+        if few_outputs:
             new = torch.empty((b, c, t, h, w), **like, memory_format=fmt)
             fill(new)
             out, pending = few_outputs_by_frames(new, self.weight, self.bias, self.padding[1:], past)
@@ -312,7 +315,6 @@ class CausalConv3d(nn.Conv3d):
             # One frame (one-frame decode passes, a video's first latent frame): each tap reads one whole frame, so
             # the frames stay apart and the kept ones are kept by reference. Copying them in and out was a quarter
             # of a one-frame-per-pass decode's time on an H100.
-            past = past or (torch.empty((b, c, 1, h, w), **like, memory_format=fmt).zero_(),) * p
             new = torch.empty((b, c, 1, h, w), **like, memory_format=fmt)
             fill(new)
             frames = (*past, new)
@@ -320,7 +322,6 @@ class CausalConv3d(nn.Conv3d):
                 cache.past[self] = frames[-p:]
             out = conv_by_frames(frames, self.weight, self.bias, self.padding[1:])
         else:
-            past = past or (torch.empty((b, c, 1, h, w), **like, memory_format=fmt).zero_(),) * p
             buffer = torch.empty((b, c, p + t, h, w), **like, memory_format=fmt)
             for i, frame in enumerate(past):
                 buffer[:, :, i : i + 1].copy_(frame)
