@@ -247,54 +247,59 @@ def test_streaming_decode_by_frames_equals_the_conv3d_path(vae64, channels_last)
     torch.testing.assert_close(outs[True], outs[False], rtol=0, atol=1e-10)
 
 
-def test_fused_batch_decode_and_encode_equal_the_torch_path(vae, monkeypatch):
+@pytest.fixture
+def triton_conv_calls(monkeypatch) -> list[tuple[tuple, dict]]:
+    """The (args, kwargs) of every call to the Triton conv (`kernels.conv3d.padded_conv3d`), which still runs."""
+    import kernels.conv3d
+
+    calls = []
+    conv = kernels.conv3d.padded_conv3d
+    monkeypatch.setattr(kernels.conv3d, "padded_conv3d", lambda *a, **k: calls.append((a, k)) or conv(*a, **k))
+    return calls
+
+
+def test_fused_batch_decode_and_encode_equal_the_torch_path(vae, monkeypatch, triton_conv_calls):
     """Two videos at once through the Triton convs (batch strides of padded buffers and of kept frames), and the
     encoder's residual blocks through them too (I2V / V2V context), against the torch path."""
-    import kernels.conv3d
     from streamgen import vae as vae_module
 
     z, clip = latents(3, batch=2), video(9, batch=2)
     vae.to_channels_last(True)
-    batches = []  # the batch each Triton conv saw
-    conv = kernels.conv3d.padded_conv3d
-    monkeypatch.setattr(kernels.conv3d, "padded_conv3d", lambda *a, **k: batches.append(len(a[0][0])) or conv(*a, **k))
     try:
         expected = vae.decode(z, [1, 2]), vae.encode(clip, 4)
         monkeypatch.setattr(vae_module, "_fused", lambda x: not torch.is_grad_enabled())
         decoded = vae.decode(z, [1, 2])
-        in_decode = len(batches)
+        in_decode = len(triton_conv_calls)
         encoded = vae.encode(clip, 4)
     finally:
         vae.to_channels_last(False)
     torch.testing.assert_close(decoded, expected[0], rtol=0, atol=1e-4)
     torch.testing.assert_close(encoded, expected[1], rtol=0, atol=1e-4)
-    assert 0 < in_decode < len(batches) and set(batches) == {2}
+    batches = {len(args[0][0]) for args, _ in triton_conv_calls}  # the batch each Triton conv saw
+    assert 0 < in_decode < len(triton_conv_calls) and batches == {2}
 
 
 @pytest.mark.parametrize("pass_frames", [None, 1])
-def test_fused_decode_equals_the_torch_path(vae, monkeypatch, pass_frames):
+def test_fused_decode_equals_the_torch_path(vae, monkeypatch, triton_conv_calls, pass_frames):
     """The CUDA inference path (Triton norm kernel, and the 16-channel causal convs as Triton implicit GEMMs over
     zero-padded frames with their shortcut added as they write; run here in Triton's interpreter) decodes the frames
     of the torch path, in chunks of one and two latent frames, whole or one frame per pass."""
-    import kernels.conv3d
     from streamgen import vae as vae_module
 
     z = latents(5)
     vae.to_channels_last(True)
     vae.decode_pass_frames = pass_frames
-    calls = []
-    conv = kernels.conv3d.padded_conv3d
-    monkeypatch.setattr(kernels.conv3d, "padded_conv3d", lambda *a, **k: calls.append(k) or conv(*a, **k))
     try:
         expected = vae.decode(z, [1, 2, 2])
-        assert not calls  # the torch path on CPU
+        assert not triton_conv_calls  # the torch path on CPU
         monkeypatch.setattr(vae_module, "_fused", lambda x: not torch.is_grad_enabled())
         got = vae.decode(z, [1, 2, 2])
     finally:
         vae.to_channels_last(False)
         vae.decode_pass_frames = None
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
-    assert any(k.get("residual") is not None for k in calls) and any(k.get("residual") is None for k in calls)
+    residuals = [k.get("residual") is not None for _, k in triton_conv_calls]
+    assert any(residuals) and not all(residuals)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
