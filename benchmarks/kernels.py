@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     from kernels import attention as attn_mod
     from kernels.attention import attention_reference, chunk_attention
-    from kernels.conv3d import padded_conv3d
+    from kernels.conv3d import fuses_norm, padded_conv3d
     from kernels.modulate import (
         gated_residual,
         gated_residual_reference,
@@ -77,6 +77,7 @@ def main(argv=None) -> int:
         layernorm_modulate_reference,
     )
     from kernels.qk_norm_rope import rms_norm_rope, rms_norm_rope_reference, rope, rope_reference
+    from kernels.vae_ops import channel_rms_norm, channel_rms_norm_reference
     from streamgen.attention import Mask
     from streamgen.attention import attention as engine_attention
     from streamgen.vae import conv_by_frames
@@ -273,6 +274,26 @@ def main(argv=None) -> int:
             report({"name": f"vae conv {c}->{o} (cuDNN {name})", "shape": f"({B},{c},{t}+2,{h},{w})",
                     "unit": "TFLOP/s", "flops": flops, **t_, **e, "base_max_abs_err": be["max_abs_err"],
                     "base_rel_err": be["rel_err"]})
+            if fuses_norm(c, o):  # the next norm + SiLU in the epilogue vs the same conv, then the norm kernel
+                gamma = torch.randn(o, 1, 1, 1, device=dev, dtype=dtype)
+                nxt = torch.zeros(B, t, h + 2, w + 2, o, device=dev, dtype=dtype)  # the next conv's padded frames
+                inside = nxt[:, :, 1:-1, 1:-1].permute(0, 4, 1, 2, 3)
+                conv = F.conv3d(buf.float(), weight.float(), bias.float(), padding=(0, 1, 1))
+                ref = channel_rms_norm_reference(conv, gamma.float(), silu=True)
+                del conv
+
+                def fused(windows=windows, weight=weight, bias=bias, gamma=gamma, inside=inside):
+                    return padded_conv3d(windows, weight, bias, norm_silu=gamma, out=inside)
+
+                def apart(windows=windows, weight=weight, bias=bias, gamma=gamma, inside=inside):
+                    return channel_rms_norm(padded_conv3d(windows, weight, bias), gamma, silu=True, out=inside)
+
+                e, be = errors(fused().clone(), ref), errors(apart().clone(), ref)
+                del ref
+                report({"name": f"vae conv {c}->{o} + norm (apart)", "shape": f"({B},{c},{t}+2,{h},{w})",
+                        "unit": "TFLOP/s", "flops": flops, **timings(fused, apart, flops), **e,
+                        "base_max_abs_err": be["max_abs_err"], "base_rel_err": be["rel_err"]})
+                del nxt, inside
             del buf, padded, windows
 
     print()

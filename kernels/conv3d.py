@@ -14,12 +14,15 @@ with no per-element address or mask arithmetic; the ring positions' outputs are 
 work at 480x832). Time is causal and comes as kt windows, one per time tap: tap k of output frame t reads frame t of
 ``windows[k]`` (a [kept frames + chunk] buffer shifted by k, or kt separate frames for a one-frame chunk), so the
 caller decides where the past comes from. The weight is read as a (kt, kh, kw, C, CO) matrix (`tap_major`, a copy
-made per call: 8 MB for 384 channels, microseconds; reading a channels-last weight in place through transposed tiles
-measured 2.4-3.2% slower on the large convs).
+kept per weight; reading a channels-last weight in place through transposed tiles measured 2.4-3.2% slower on the
+large convs).
 
 Output channels that are not a power of two (the decoder's 96, 192, 384) are covered by two accumulators of power-
-of-two widths (64 + 32, 128 + 64) sharing every input tile, so no MMA work is spent on padding. Measured on an H100
-against cuDNN (benchmarks/RESULTS.md).
+of-two widths (64 + 32, 128 + 64) sharing every input tile, so no MMA work is spent on padding. With all output
+channels in one program (up to 128: the decoder's full-resolution 96), the VAE's channel RMS norm + SiLU that feeds
+the next conv is applied as the result is written (``norm_silu``): the residual block's first conv then writes its
+second conv's input directly, and neither the first conv's output nor the norm's pass over it exists. Measured on an
+H100 against cuDNN (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -29,26 +32,30 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
+from torch.utils.weak import WeakIdKeyDictionary
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._launch import check_tensors
+from .vae_ops import channel_rms_norm_reference
 
-__all__ = ["padded_conv3d", "padded_conv3d_reference"]
+__all__ = ["fuses_norm", "padded_conv3d", "padded_conv3d_reference"]
 
 
 @triton.jit
 def _padded_conv3d_kernel(
-    x0_desc, x1_desc, x2_desc, w_desc, w2_desc, bias_ptr, res_ptr, out_ptr,
+    x0_desc, x1_desc, x2_desc, w_desc, w2_desc, bias_ptr, res_ptr, gamma_ptr, out_ptr,
     T, H, W, CO, rows0_b, rows1_b, rows2_b,
     srb, srt, srh, srw,
     sob, sot, soh, sow,
+    norm_scale, norm_eps,
     C: tl.constexpr, KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """grid = (cdiv(HP * WP, BLOCK_M), cdiv(CO, BLOCK_N + BLOCK_N2), B * T): BLOCK_M consecutive positions of the
     padded frame (HP x WP, row-major) of output frame t of batch b, output channels [n0, n0 + BLOCK_N + BLOCK_N2)
-    in two accumulators (BLOCK_N2 = 0: one). Positions on the padding ring are computed and not stored."""
+    in two accumulators (BLOCK_N2 = 0: one). Positions on the padding ring are computed and not stored. NORM (one
+    program holds all CO channels): the stored value is silu(rms_norm(conv) * gamma) instead of the conv."""
     pid_m = tl.program_id(0)
     n0 = tl.program_id(1) * (BLOCK_N + BLOCK_N2)
     bt = tl.program_id(2)
@@ -89,27 +96,63 @@ def _padded_conv3d_kernel(
     pix_o = h64 * soh + w64 * sow + b.to(tl.int64) * sob + t.to(tl.int64) * sot
     pix_r = h64 * srh + w64 * srw + b.to(tl.int64) * srb + t.to(tl.int64) * srt
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    _epilogue(acc, offs_n, offs_n < CO, inside, pix_o, pix_r, bias_ptr, res_ptr, out_ptr, HAS_BIAS, HAS_RES)
+    y = _conv_value(acc, offs_n, inside, pix_r, bias_ptr, res_ptr, out_ptr, CO, HAS_BIAS, HAS_RES)
     if BLOCK_N2 > 0:
         offs_n2 = n0 + BLOCK_N + tl.arange(0, BLOCK_N2)
-        _epilogue(acc2, offs_n2, offs_n2 < CO, inside, pix_o, pix_r, bias_ptr, res_ptr, out_ptr, HAS_BIAS, HAS_RES)
+        y2 = _conv_value(acc2, offs_n2, inside, pix_r, bias_ptr, res_ptr, out_ptr, CO, HAS_BIAS, HAS_RES)
+    if NORM:  # the channels outside CO are zeros (zero weight rows, masked bias and residual)
+        squares = tl.sum(y * y, axis=1)
+        if BLOCK_N2 > 0:
+            squares += tl.sum(y2 * y2, axis=1)
+        scale = norm_scale / tl.maximum(tl.sqrt(squares), norm_eps)
+        y = _silu_scaled(y, scale, gamma_ptr, offs_n, CO)
+        if BLOCK_N2 > 0:
+            y2 = _silu_scaled(y2, scale, gamma_ptr, offs_n2, CO)
+    _store(y, offs_n, inside, pix_o, out_ptr, CO)
+    if BLOCK_N2 > 0:
+        _store(y2, offs_n2, inside, pix_o, out_ptr, CO)
 
 
 @triton.jit
-def _epilogue(acc, offs_n, mask_n, inside, pix_o, pix_r, bias_ptr, res_ptr, out_ptr,
-              HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
-    """out[pixels, channels] = acc (+ bias[channel]) (+ residual), rounded once."""
-    mask = inside[:, None] & mask_n[None, :]
+def _conv_value(acc, offs_n, inside, pix_r, bias_ptr, res_ptr, out_ptr, CO,
+                HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
+    """acc (+ bias[channel]) (+ residual), rounded to the output dtype as an unfused conv would store it (fp32)."""
+    mask_n = offs_n < CO
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if HAS_RES:
+        mask = inside[:, None] & mask_n[None, :]
         acc += tl.load(res_ptr + pix_r[:, None] + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + pix_o[:, None] + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    return acc.to(out_ptr.dtype.element_ty).to(tl.float32)
 
 
-def tap_major(weight: torch.Tensor) -> torch.Tensor:
-    """A conv weight (CO, C, kt, kh, kw) as the (kt * kh * kw * C, CO) matrix the kernel reads (a contiguous copy)."""
-    return weight.permute(2, 3, 4, 1, 0).reshape(-1, weight.shape[0]).contiguous()
+@triton.jit
+def _silu_scaled(y, scale, gamma_ptr, offs_n, CO):
+    """silu(y * scale[position] * gamma[channel])."""
+    y = y * scale[:, None] * tl.load(gamma_ptr + offs_n, mask=offs_n < CO, other=0.0).to(tl.float32)[None, :]
+    return y * tl.sigmoid(y)
+
+
+@triton.jit
+def _store(y, offs_n, inside, pix_o, out_ptr, CO):
+    mask = inside[:, None] & (offs_n < CO)[None, :]
+    tl.store(out_ptr + pix_o[:, None] + offs_n[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+_TAPS = WeakIdKeyDictionary()  # weight -> ((its storage, version counter, dtype), tap-major copy)
+
+
+def tap_major(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A conv weight (CO, C, kt, kh, kw) as the (kt * kh * kw * C, CO) matrix in `dtype` the kernel reads: a copy,
+    kept while the weight lives with the same storage and version counter (no in-place change, no `.to()`), so a
+    decode does not copy each conv's weight at every call (a launch each: host time on one-frame passes)."""
+    key = (weight.data_ptr(), weight._version, dtype)
+    kept = _TAPS.get(weight)
+    if kept is not None and kept[0] == key:
+        return kept[1]
+    taps = weight.detach().to(dtype).permute(2, 3, 4, 1, 0).reshape(-1, weight.shape[0]).contiguous()
+    _TAPS[weight] = (key, taps)
+    return taps
 
 
 def _blocks(C: int, CO: int) -> tuple[int, int, int]:
@@ -123,12 +166,22 @@ def _blocks(C: int, CO: int) -> tuple[int, int, int]:
     return min(triton.next_power_of_2(CO), 128), 0, block_k
 
 
+def fuses_norm(C: int, CO: int) -> bool:
+    """Whether `padded_conv3d(..., norm_silu=gamma)` applies the channel norm as it writes: one program holds all CO
+    output channels, at most 128 (96 and powers of two up to 128). With 192 (128 + 64 fp32 accumulators per row) the
+    fused conv measured 0.87x of the conv and the norm kernel apart on an H100; with 96 1.07x."""
+    block_n, block_n2, _ = _blocks(C, CO)
+    return CO <= block_n + block_n2 <= 128
+
+
 def padded_conv3d(
     windows: Sequence[torch.Tensor],
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
     residual: torch.Tensor | None = None,
+    norm_silu: torch.Tensor | None = None,
+    norm_eps: float = 1e-12,
     out: torch.Tensor | None = None,
     block_m: int = 128,
     block_n: int | None = None,
@@ -142,9 +195,11 @@ def padded_conv3d(
     conv's padding reads), each frame's rows and pixels dense (strides ((H + kh - 1)(W + kw - 1) C, (W + kw - 1) C,
     C, 1) for dims 1..4); tap k reads windows[k]. weight: (CO, C, kt, kh, kw), odd kh and kw, C and CO multiples of
     16 (read through a tap-major copy, `tap_major`); residual, out: (B, CO, T, H, W) with channel stride 1 (out by
-    default new, channels-last, windows' dtype). ``block_m``, ``block_n`` (one accumulator of that many output
-    channels instead of the default split), ``num_warps``, ``num_stages``: launch settings, for tuning. Returns
-    ``out``.
+    default new, channels-last, windows' dtype). ``norm_silu``: CO gains (CO as `fuses_norm` allows); then ``out``
+    receives silu(y / max(||y||, norm_eps) * sqrt(CO) * gain) with y the conv (+ bias + residual) rounded to the
+    windows' dtype and the norm over channels (the VAE's RMSNorm before its next conv), so the conv itself is never
+    written. ``block_m``, ``block_n`` (one accumulator of that many output channels instead of the default split),
+    ``num_warps``, ``num_stages``: launch settings, for tuning. Returns ``out``.
     """
     if weight.dim() != 5:
         raise ValueError(f"weight must be (CO, C, kt, kh, kw), got {tuple(weight.shape)}")
@@ -169,15 +224,18 @@ def padded_conv3d(
             raise ValueError(f"{name} must be {shape} with channel stride 1, got {tuple(t.shape)} {t.stride()}")
     if C % 16 or CO % 16:
         raise ValueError(f"input and output channels must be multiples of 16, got {C} and {CO}")
-    if bias is not None and bias.numel() != CO:
-        raise ValueError(f"bias must hold {CO} values, got shape {tuple(bias.shape)}")
-    taps = tap_major(weight.to(x.dtype))
+    for name, t in (("bias", bias), ("norm_silu", norm_silu)):
+        if t is not None and t.numel() != CO:
+            raise ValueError(f"{name} must hold {CO} values, got shape {tuple(t.shape)}")
+    block_n, block_n2, block_k = _blocks(C, CO) if block_n is None else (block_n, 0, _blocks(C, CO)[2])
+    if norm_silu is not None and not fuses_norm(C, CO):
+        raise ValueError(f"norm_silu needs at most 128 output channels, all in one program (fuses_norm), got {CO}")
+    taps = tap_major(weight, x.dtype)
     if out is None:
         out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
-    check_tensors(*windows, taps, bias, residual, out)
+    check_tensors(*windows, taps, bias, residual, norm_silu, out)
     if out.numel() == 0:
         return out
-    block_n, block_n2, block_k = _blocks(C, CO) if block_n is None else (block_n, 0, _blocks(C, CO)[2])
     padded = [*windows, *[x] * (3 - kt)]
     # each window as (rows, C): batch b's frame t, padded position p is row b * stride(0) / C + t * HP * WP + p
     descs = [TensorDescriptor(win, [(B - 1) * win.stride(0) // C + T * HP * WP, C], [C, 1], [block_m, block_k])
@@ -186,11 +244,13 @@ def padded_conv3d(
     res = residual if residual is not None else out
     grid = (triton.cdiv(HP * WP, block_m), triton.cdiv(CO, block_n + block_n2), B * T)
     _padded_conv3d_kernel[grid](
-        *descs, *w_descs, bias if bias is not None else taps, res, out,
+        *descs, *w_descs, bias if bias is not None else taps, res, norm_silu if norm_silu is not None else taps, out,
         T, H, W, CO, *(win.stride(0) // C for win in padded),
         res.stride(0), res.stride(2), res.stride(3), res.stride(4),
         out.stride(0), out.stride(2), out.stride(3), out.stride(4),
+        float(CO) ** 0.5, float(norm_eps),
         C=C, KT=kt, KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+        NORM=norm_silu is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_N2=block_n2, BLOCK_K=block_k,
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -198,9 +258,14 @@ def padded_conv3d(
 
 
 def padded_conv3d_reference(windows: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None = None,
-                            residual: torch.Tensor | None = None) -> torch.Tensor:
+                            residual: torch.Tensor | None = None, norm_silu: torch.Tensor | None = None,
+                            norm_eps: float = 1e-12) -> torch.Tensor:
     """Plain torch :func:`padded_conv3d`: one unpadded conv3d over the padded frames the windows cover, in the
-    inputs' dtype. Window k is frames k .. k + T - 1 of that video: the first window plus each later one's last."""
+    inputs' dtype, then the channel norm and SiLU. Window k is frames k .. k + T - 1 of that video: the first window
+    plus each later one's last."""
     x = torch.cat([windows[0], *(win[:, -1:] for win in windows[1:])], dim=1).permute(0, 4, 1, 2, 3)
     y = torch.nn.functional.conv3d(x, weight, bias)
-    return y if residual is None else y + residual
+    y = y if residual is None else y + residual
+    if norm_silu is None:
+        return y
+    return channel_rms_norm_reference(y, norm_silu, silu=True, eps=norm_eps, compute_dtype=torch.float32)

@@ -286,12 +286,14 @@ class CausalConv3d(nn.Conv3d):
         return self.convolve(x, lambda out: out.copy_(x), cache)
 
     def convolve(self, x: torch.Tensor, fill: Callable[[torch.Tensor], object], cache: TimeCache | None,
-                 residual: torch.Tensor | None = None) -> torch.Tensor:
+                 residual: torch.Tensor | None = None,
+                 then_norm: tuple[RMSNorm, torch.Tensor] | None = None) -> torch.Tensor:
         """This conv of a chunk shaped like x (B, C, T, H, W) that `fill(out)` writes, plus `residual` if given:
         `out` (x's shape) is the tail of the conv's input buffer, after the kept frames of the previous chunk (zeros
         at the video start), so the chunk (x itself, or the norm before the conv) is written once, straight where
         the conv reads it and no [kept frames + chunk] concatenation is made. Keeps the buffer's last frames in
-        `cache` for the next chunk."""
+        `cache` for the next chunk. `then_norm` = (norm, dest): returns dest holding silu(norm(conv)) instead (the
+        Triton conv applies the norm as it writes, so the conv itself is never stored)."""
         b, c, t, h, w = x.shape
         p, fmt, like = self.past_frames, _memory_format(x), dict(dtype=x.dtype, device=x.device)
         by_frames = (_frame_convs and self.stride == (1, 1, 1) and self.groups == 1
@@ -301,7 +303,7 @@ class CausalConv3d(nn.Conv3d):
         del x  # a tensor `fill` reads must not outlive it here
         past = cache.past.get(self) if cache is not None else None  # what the previous chunk left (None: the start)
         if implicit:
-            return self._padded_conv((b, c, t, h, w), like, fill, cache, past, residual)
+            return self._padded_conv((b, c, t, h, w), like, fill, cache, past, residual, then_norm)
         few_outputs = by_frames and self.out_channels <= FEW_OUTPUTS  # it keeps partial sums, not frames
         if past is None and not few_outputs:  # the video start
             past = (torch.empty((b, c, 1, h, w), **like, memory_format=fmt).zero_(),) * p
@@ -330,14 +332,15 @@ class CausalConv3d(nn.Conv3d):
                 cache.past[self] = buffer[:, :, -p:].clone().split(1, dim=2)  # clone: don't pin the whole chunk
             out = (conv_by_frames(buffer, self.weight, self.bias, self.padding[1:]) if by_frames
                    else super().forward(buffer))
-        return out if residual is None else out.add_(residual)
+        out = out if residual is None else out.add_(residual)
+        return out if then_norm is None else then_norm[0](out, silu=True, out=then_norm[1])
 
     def _padded_conv(self, shape: tuple[int, ...], like: dict, fill: Callable[[torch.Tensor], object],
                      cache: TimeCache | None, past: tuple[torch.Tensor, ...] | None,
-                     residual: torch.Tensor | None) -> torch.Tensor:
+                     residual: torch.Tensor | None, then_norm: tuple[RMSNorm, torch.Tensor] | None) -> torch.Tensor:
         """`convolve` as one Triton implicit GEMM: the input buffer holds frames (B, F, H + 2, W + 2, C) whose zero
         ring is the spatial padding; `fill` writes the inside. One-frame chunks keep their frames apart, as above."""
-        from kernels.conv3d import padded_conv3d
+        from kernels.conv3d import fuses_norm, padded_conv3d
 
         b, c, t, h, w = shape
         p = self.past_frames
@@ -356,7 +359,11 @@ class CausalConv3d(nn.Conv3d):
             kept = buffer[:, -p:].clone().split(1, dim=1)  # clone: don't pin the whole chunk
         if cache is not None:
             cache.past[self] = kept
-        return padded_conv3d(windows, self.weight, self.bias, residual=residual)
+        if then_norm is not None and fuses_norm(c, self.out_channels):
+            norm, dest = then_norm
+            return padded_conv3d(windows, self.weight, self.bias, residual=residual, norm_silu=norm.gamma, out=dest)
+        out = padded_conv3d(windows, self.weight, self.bias, residual=residual)
+        return out if then_norm is None else then_norm[0](out, silu=True, out=then_norm[1])
 
 
 def _zero_ring(frames: torch.Tensor) -> torch.Tensor:
@@ -392,9 +399,11 @@ class RMSNorm(nn.Module):
 
 
 def _norm_silu_conv(norm: RMSNorm, conv: CausalConv3d, x: torch.Tensor, cache: TimeCache | None,
-                    residual: torch.Tensor | None = None) -> torch.Tensor:
-    """conv(silu(norm(x))) (+ residual), the norm writing its output straight into the conv's input."""
-    return conv.convolve(x, lambda out: norm(x, silu=True, out=out), cache, residual)
+                    residual: torch.Tensor | None = None,
+                    then_norm: tuple[RMSNorm, torch.Tensor] | None = None) -> torch.Tensor:
+    """conv(silu(norm(x))) (+ residual), the norm writing its output straight into the conv's input; `then_norm` as
+    in `CausalConv3d.convolve`."""
+    return conv.convolve(x, lambda out: norm(x, silu=True, out=out), cache, residual, then_norm)
 
 
 class ResidualBlock(nn.Module):
@@ -409,10 +418,15 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: TimeCache | None = None) -> torch.Tensor:
         h = self.conv_shortcut(x)
-        x = _norm_silu_conv(self.norm1, self.conv1, x, cache)
         if self.training and self.dropout.p > 0:
+            x = _norm_silu_conv(self.norm1, self.conv1, x, cache)
             return self.conv2(self.dropout(self.norm2(x, silu=True)), cache).add_(h)
-        return _norm_silu_conv(self.norm2, self.conv2, x, cache, residual=h)  # the shortcut added as conv2 writes
+
+        def conv1_into(out: torch.Tensor) -> torch.Tensor:  # conv2's input, silu(norm2(conv1)), written once
+            return _norm_silu_conv(self.norm1, self.conv1, x, cache, then_norm=(self.norm2, out))
+
+        # h is shaped like conv1's output; the shortcut is added as conv2 writes
+        return self.conv2.convolve(h, conv1_into, cache, residual=h)
 
 
 class AttentionBlock(nn.Module):

@@ -33,7 +33,7 @@ import pytest
 
 from kernels._launch import INTERPRET
 from kernels.attention import attention_reference, chunk_attention, extend_attention
-from kernels.conv3d import padded_conv3d, padded_conv3d_reference
+from kernels.conv3d import fuses_norm, padded_conv3d, padded_conv3d_reference
 from kernels.modulate import (
     gated_residual,
     gated_residual_reference,
@@ -530,6 +530,40 @@ def test_padded_conv3d_of_separate_frames_and_into_out():
     torch.testing.assert_close(half.double(), ref, rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.parametrize("case", [case for case in CONV_CASES if fuses_norm(*case[1:3])], ids=str)
+def test_padded_conv3d_with_the_next_norm_in_its_epilogue(case):
+    """`norm_silu`: the conv (+ bias + residual) goes through the channel RMS norm and SiLU as it is written (one
+    program holding all CO channels, masked ones included: 16, 48 in 64, 96 in 64 + 32), into the inside of the next
+    conv's padded frames; against fp64 conv3d then the fp64 norm."""
+    b, c, co, t, h, w = case
+    assert fuses_norm(c, co)
+    buf = padded_frames(b, t + 2, h, w, c)
+    windows = [buf[:, k : k + t] for k in range(3)]
+    weight, bias, gamma = rand(co, c, 3, 3, 3, scale=(27 * c) ** -0.5), rand(co), rand(co, 1, 1, 1)
+    r = rand(b, co, t, h, w).contiguous(memory_format=torch.channels_last_3d)
+    following = torch.full((b, t, h + 2, w + 2, co), 7.0, device=DEVICE)
+    inside = following[:, :, 1:-1, 1:-1].permute(0, 4, 1, 2, 3)
+    assert padded_conv3d(windows, weight, bias, residual=r, norm_silu=gamma, out=inside, block_m=32) is inside
+    ref = padded_conv3d_reference(f64(*windows), weight.double(), *f64(bias, r), norm_silu=gamma.double())
+    torch.testing.assert_close(inside.double(), ref, rtol=1e-5, atol=1e-5)
+    ring = torch.ones_like(following, dtype=torch.bool)
+    ring[:, :, 1:-1, 1:-1] = False
+    assert (following[ring] == 7.0).all()
+
+
+def test_padded_conv3d_weight_copy_follows_the_weight():
+    """The tap-major copy kept per weight is made again when the weight changes in place or is replaced."""
+    frames = [padded_frames(1, 1, 3, 4, 16) for _ in range(3)]
+    weight = torch.nn.Conv3d(16, 16, 3, bias=False).weight
+    with torch.no_grad():
+        first = padded_conv3d(frames, weight)
+        torch.testing.assert_close(padded_conv3d(frames, weight), first, rtol=0, atol=0)  # the kept copy
+        weight.mul_(2.0)
+        torch.testing.assert_close(padded_conv3d(frames, weight), 2 * first)
+        weight.data = -weight.data
+        torch.testing.assert_close(padded_conv3d(frames, weight), -2 * first)
+
+
 def test_padded_conv3d_rejects_bad_arguments():
     buf = padded_frames(1, 4, 3, 3, 16)
     windows = [buf[:, k : k + 2] for k in range(3)]
@@ -548,6 +582,11 @@ def test_padded_conv3d_rejects_bad_arguments():
         padded_conv3d(windows, weight, residual=rand(1, 16, 2, 3, 3))  # channels-first: channel stride is not 1
     with pytest.raises(ValueError, match="bias must hold 16"):
         padded_conv3d(windows, weight, rand(8))
+    with pytest.raises(ValueError, match="norm_silu must hold 16"):
+        padded_conv3d(windows, weight, norm_silu=rand(8))
+    assert [fuses_norm(16, co) for co in (16, 48, 96, 128, 192, 384)] == [True] * 4 + [False] * 2
+    with pytest.raises(ValueError, match="at most 128 output channels, all in one program"):
+        padded_conv3d(windows, rand(192, 16, 3, 3, 3), norm_silu=rand(192))
 
 
 def test_channel_rms_norm_reference_matches_the_vae_norm():

@@ -282,8 +282,9 @@ def test_fused_batch_decode_and_encode_equal_the_torch_path(vae, monkeypatch, tr
 @pytest.mark.parametrize("pass_frames", [None, 1])
 def test_fused_decode_equals_the_torch_path(vae, monkeypatch, triton_conv_calls, pass_frames):
     """The CUDA inference path (Triton norm kernel, and the 16-channel causal convs as Triton implicit GEMMs over
-    zero-padded frames with their shortcut added as they write; run here in Triton's interpreter) decodes the frames
-    of the torch path, in chunks of one and two latent frames, whole or one frame per pass."""
+    zero-padded frames with their shortcut added, or the next norm applied, as they write; run here in Triton's
+    interpreter) decodes the frames of the torch path, in chunks of one and two latent frames, whole or one frame per
+    pass."""
     from streamgen import vae as vae_module
 
     z = latents(5)
@@ -299,7 +300,8 @@ def test_fused_decode_equals_the_torch_path(vae, monkeypatch, triton_conv_calls,
         vae.decode_pass_frames = None
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
     residuals = [k.get("residual") is not None for _, k in triton_conv_calls]
-    assert any(residuals) and not all(residuals)
+    norms = [k.get("norm_silu") is not None for _, k in triton_conv_calls]  # each block's conv1 writes conv2's input
+    assert any(residuals) and not all(residuals) and any(norms) and not all(norms)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

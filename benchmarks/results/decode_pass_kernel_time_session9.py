@@ -1,0 +1,47 @@
+"""One-off: GPU kernel time (torch.profiler, sum of device time) of the 81-frame streaming decode, a whole chunk per
+pass against one frame per pass, and the wall time unprofiled: is the one-frame decode slower on the GPU or only on
+the host?
+
+    python benchmarks/results/decode_pass_kernel_time_session9.py     # on the GPU machine
+"""
+
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from streamgen.bench import vae_decode_case
+
+
+def decode(vae, latents, sizes) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    decoder = vae.stream_decoder()
+    for chunk in latents.split(sizes, dim=2):
+        decoder.decode(chunk)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    vae, latents, sizes = vae_decode_case(torch.device("cuda"))
+    vae.to_channels_last()
+    with torch.no_grad():
+        for frames in (None, 1, None, 1):
+            vae.decode_pass_frames = frames
+            decode(vae, latents, sizes)
+            wall = decode(vae, latents, sizes)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                decode(vae, latents, sizes)
+            events = prof.key_averages()
+            kernel = sum(e.self_device_time_total for e in events) / 1e6
+            launches = sum(e.count for e in events if e.self_device_time_total > 0)
+            print(f"{frames or 'whole chunk'} frames per pass: wall {wall:.3f} s, kernel time {kernel:.3f} s, "
+                  f"{launches} device ops", flush=True)
+            if frames == 1:
+                print(events.table(sort_by="self_cuda_time_total", row_limit=14), flush=True)
+
+
+if __name__ == "__main__":
+    main()
