@@ -169,7 +169,8 @@ def _blocks(C: int, CO: int) -> tuple[int, int, int]:
 def fuses_norm(C: int, CO: int) -> bool:
     """Whether `padded_conv3d(..., norm_silu=gamma)` applies the channel norm as it writes: one program holds all CO
     output channels, at most 128 (96 and powers of two up to 128). With 192 (128 + 64 fp32 accumulators per row) the
-    fused conv measured 0.87x of the conv and the norm kernel apart on an H100 (1.005x at 8 warps); with 96 1.07-1.10x."""
+    fused conv measured 0.87x of the conv and the norm kernel apart on an H100 (1.005x at 8 warps); with 96,
+    1.07-1.10x."""
     block_n, block_n2, _ = _blocks(C, CO)
     return CO <= block_n + block_n2 <= 128
 
