@@ -116,7 +116,7 @@ def _padded_conv3d_kernel(
 @triton.jit
 def _conv_value(acc, offs_n, inside, pix_r, bias_ptr, res_ptr, out_ptr, CO,
                 HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
-    """acc (+ bias[channel]) (+ residual), rounded to the output dtype as an unfused conv would store it (fp32)."""
+    """acc (+ bias[channel]) (+ residual), rounded to the output dtype as an unfused conv would store it, in fp32."""
     mask_n = offs_n < CO
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]

@@ -332,8 +332,7 @@ class CausalConv3d(nn.Conv3d):
                 cache.past[self] = buffer[:, :, -p:].clone().split(1, dim=2)  # clone: don't pin the whole chunk
             out = (conv_by_frames(buffer, self.weight, self.bias, self.padding[1:]) if by_frames
                    else super().forward(buffer))
-        out = out if residual is None else out.add_(residual)
-        return out if then_norm is None else then_norm[0](out, silu=True, out=then_norm[1])
+        return _normed(out if residual is None else out.add_(residual), then_norm)
 
     def _padded_conv(self, shape: tuple[int, ...], like: dict, fill: Callable[[torch.Tensor], object],
                      cache: TimeCache | None, past: tuple[torch.Tensor, ...] | None,
@@ -362,8 +361,12 @@ class CausalConv3d(nn.Conv3d):
         if then_norm is not None and fuses_norm(c, self.out_channels):
             norm, dest = then_norm
             return padded_conv3d(windows, self.weight, self.bias, residual=residual, norm_silu=norm.gamma, out=dest)
-        out = padded_conv3d(windows, self.weight, self.bias, residual=residual)
-        return out if then_norm is None else then_norm[0](out, silu=True, out=then_norm[1])
+        return _normed(padded_conv3d(windows, self.weight, self.bias, residual=residual), then_norm)
+
+
+def _normed(out: torch.Tensor, then_norm: tuple[RMSNorm, torch.Tensor] | None) -> torch.Tensor:
+    """out, or for then_norm = (norm, dest) silu(norm(out)) written into dest (see `CausalConv3d.convolve`)."""
+    return out if then_norm is None else then_norm[0](out, silu=True, out=then_norm[1])
 
 
 def _zero_ring(frames: torch.Tensor) -> torch.Tensor:
