@@ -279,13 +279,17 @@ def test_fused_batch_decode_and_encode_equal_the_torch_path(vae, monkeypatch, tr
     assert 0 < in_decode < len(triton_conv_calls) and batches == {2}
 
 
-@pytest.mark.parametrize("pass_frames", [None, 1])
-def test_fused_decode_equals_the_torch_path(vae, monkeypatch, triton_conv_calls, pass_frames):
+@pytest.mark.parametrize("pass_frames,norm_epilogue", [(None, True), (1, True), (None, False)])
+def test_fused_decode_equals_the_torch_path(vae, monkeypatch, triton_conv_calls, pass_frames, norm_epilogue):
     """The CUDA inference path (Triton norm kernel, and the 16-channel causal convs as Triton implicit GEMMs over
     zero-padded frames with their shortcut added, or the next norm applied, as they write; run here in Triton's
     interpreter) decodes the frames of the torch path, in chunks of one and two latent frames, whole or one frame per
-    pass."""
+    pass; and with the norm after the conv where the conv cannot apply it (`fuses_norm` false: wider convs)."""
+    import kernels.conv3d
     from streamgen import vae as vae_module
+
+    if not norm_epilogue:
+        monkeypatch.setattr(kernels.conv3d, "fuses_norm", lambda c, co: False)
 
     z = latents(5)
     vae.to_channels_last(True)
@@ -301,7 +305,7 @@ def test_fused_decode_equals_the_torch_path(vae, monkeypatch, triton_conv_calls,
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
     residuals = [k.get("residual") is not None for _, k in triton_conv_calls]
     norms = [k.get("norm_silu") is not None for _, k in triton_conv_calls]  # each block's conv1 writes conv2's input
-    assert any(residuals) and not all(residuals) and any(norms) and not all(norms)
+    assert any(residuals) and not all(residuals) and any(norms) == norm_epilogue and not all(norms)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
