@@ -7,25 +7,11 @@ warm-up decode), and the wall / host seconds of each pass setting.
 import cProfile
 import pstats
 import sys
-import time
 
 import torch
+from vae_ab_session8 import decode_seconds
 
 from streamgen.bench import vae_decode_case
-
-
-def decode_seconds(vae, latents, sizes):
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    host = 0.0
-    decoder = vae.stream_decoder()
-    for chunk in latents.split(sizes, dim=2):
-        t = time.perf_counter()
-        frames = decoder.decode(chunk)
-        host += time.perf_counter() - t
-        del frames
-    torch.cuda.synchronize()
-    return time.perf_counter() - start, host
 
 
 def main() -> None:

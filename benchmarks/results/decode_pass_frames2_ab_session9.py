@@ -8,6 +8,7 @@ taking a whole chunk, 2 or 1 video frames per pass (`vae.decode_pass_frames`).
 import time
 
 import torch
+from vae_ab_session8 import stream_seconds
 
 from streamgen.bench import random_pipeline, vae_decode_case
 
@@ -42,12 +43,7 @@ def main() -> None:
 
     def stream(steps: int, frames: int | None) -> tuple[float, float]:
         pipe.vae.decode_pass_frames = frames
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-        t = time.perf_counter()
-        for _ in pipe.stream(prompt, height=480, width=832, num_frames=81, steps=steps, seed=0):
-            pass
-        return time.perf_counter() - t, torch.cuda.max_memory_allocated(device) / 2**30
+        return stream_seconds(pipe, prompt, steps)
 
     for frames in PASSES:
         stream(1, frames)  # warm-up: graphs, plans, compiles

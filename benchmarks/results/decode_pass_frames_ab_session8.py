@@ -5,9 +5,8 @@ three streams each after a warm-up; seconds, fps and peak memory per stream.
     python benchmarks/results/decode_pass_frames_ab_session8.py     # on the GPU machine
 """
 
-import time
-
 import torch
+from vae_ab_session8 import stream_seconds
 
 from streamgen.bench import random_pipeline
 
@@ -20,12 +19,7 @@ def main() -> None:
 
     def stream(steps: int, frames: int | None) -> tuple[float, float]:
         pipe.vae.decode_pass_frames = frames
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-        t = time.perf_counter()
-        for _ in pipe.stream(prompt, height=480, width=832, num_frames=81, steps=steps, seed=0):
-            pass
-        return time.perf_counter() - t, torch.cuda.max_memory_allocated(device) / 2**30
+        return stream_seconds(pipe, prompt, steps)
 
     for frames in (None, 1):
         stream(1, frames)  # warm-up: graphs, plans, compiles

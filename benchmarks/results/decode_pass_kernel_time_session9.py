@@ -5,22 +5,11 @@ the host?
     python benchmarks/results/decode_pass_kernel_time_session9.py     # on the GPU machine
 """
 
-import time
-
 import torch
 from torch.profiler import ProfilerActivity, profile
+from vae_ab_session8 import decode_seconds
 
 from streamgen.bench import vae_decode_case
-
-
-def decode(vae, latents, sizes) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    decoder = vae.stream_decoder()
-    for chunk in latents.split(sizes, dim=2):
-        decoder.decode(chunk)
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -30,10 +19,10 @@ def main() -> None:
     with torch.no_grad():
         for frames in (None, 1, None, 1):
             vae.decode_pass_frames = frames
-            decode(vae, latents, sizes)
-            wall = decode(vae, latents, sizes)
+            decode_seconds(vae, latents, sizes)
+            wall = decode_seconds(vae, latents, sizes)[0]
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                decode(vae, latents, sizes)
+                decode_seconds(vae, latents, sizes)
             events = prof.key_averages()
             kernel = sum(e.self_device_time_total for e in events) / 1e6
             launches = sum(e.count for e in events if e.self_device_time_total > 0)

@@ -1,6 +1,7 @@
-"""Shared by this session's VAE measurements (`vae_triton_conv_ab_session8.py`, `vae_profile_ab_session8.py`,
-`conv3d_launch_overhead_session8.py`): timing one streaming decode, and a copy of a VAE in session 7's code (its
-modules put in `abtmp_session8/` for the run, as `vae_triton_conv_ab_session8.py` describes)."""
+"""Shared by the one-off VAE and stream measurements of sessions 8 and 9 (`vae_triton_conv_ab_session8.py`,
+`vae_profile_ab_session8.py`, `conv3d_launch_overhead_session8.py`, `decode_pass_frames_ab_session8.py`, and the
+`*_session9.py` scripts): timing one streaming decode, timing one whole stream, and a copy of a VAE in an earlier
+session's code (its modules put next to the scripts for the run, as `vae_triton_conv_ab_session8.py` describes)."""
 
 import time
 
@@ -23,10 +24,28 @@ def decode_seconds(vae, latents: torch.Tensor, sizes: list[int]) -> tuple[float,
     return time.perf_counter() - start, host
 
 
-def session7_copy(vae):
-    """The same VAE (config and weights, bf16, channels-last, on vae's device) in session 7's code."""
-    from abtmp_session8 import old_vae
+def stream_seconds(pipe, prompt: torch.Tensor, steps: int) -> tuple[float, float]:
+    """One whole 1.3B stream end to end (480x832, 81 frames, seed 0) with `pipe` as it is set: wall seconds and the
+    peak GiB allocated on the GPU during it."""
+    device = pipe.vae.device
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(device)
+    t = time.perf_counter()
+    for _ in pipe.stream(prompt, height=480, width=832, num_frames=81, steps=steps, seed=0):
+        pass
+    return time.perf_counter() - t, torch.cuda.max_memory_allocated(device) / 2**30
 
+
+def code_copy(vae, old_vae):
+    """The same VAE (config and weights, bf16, channels-last, on vae's device) as `old_vae` (an earlier session's
+    `streamgen/vae.py`, imported as a module) builds it."""
     old = old_vae.WanVAE(vae.config).eval().to(device=vae.device, dtype=torch.bfloat16)
     old.load_state_dict(vae.state_dict())
     return old.to_channels_last()
+
+
+def session7_copy(vae):
+    """`code_copy` in session 7's code."""
+    from abtmp_session8 import old_vae
+
+    return code_copy(vae, old_vae)

@@ -12,10 +12,9 @@ this script for the run (not kept in the repo):
         > abtmp_session9/old_conv3d.py
     python benchmarks/results/vae_norm_epilogue_ab_session9.py     # on the GPU machine
 """
-import time
-
 import torch
 from torch.profiler import ProfilerActivity, profile
+from vae_ab_session8 import code_copy, decode_seconds, stream_seconds
 
 from streamgen.bench import random_pipeline, vae_decode_case
 
@@ -23,22 +22,7 @@ from streamgen.bench import random_pipeline, vae_decode_case
 def session8_copy(vae):
     from abtmp_session9 import old_vae
 
-    old = old_vae.WanVAE(vae.config).eval().to(device=vae.device, dtype=torch.bfloat16)
-    old.load_state_dict(vae.state_dict())
-    return old.to_channels_last()
-
-
-def decode_seconds(vae, latents, sizes):
-    torch.cuda.synchronize()
-    start, host = time.perf_counter(), 0.0
-    decoder = vae.stream_decoder()
-    frames = []
-    for chunk in latents.split(sizes, dim=2):
-        t = time.perf_counter()
-        frames.append(decoder.decode(chunk))
-        host += time.perf_counter() - t
-    torch.cuda.synchronize()
-    return time.perf_counter() - start, host, frames
+    return code_copy(vae, old_vae)
 
 
 def kernel_seconds(vae, latents, sizes):
@@ -60,14 +44,13 @@ def main():
                 decode_seconds(v, latents, sizes)
             for rep in range(3):
                 for name, v in (("new", vae), ("old", old)):
-                    wall, host, _ = decode_seconds(v, latents, sizes)
+                    wall, host = decode_seconds(v, latents, sizes)
                     print(f"decode {frames or 'whole chunk'} frames per pass, {name} rep {rep}: {wall:.3f} s, host "
                           f"{host:.3f} s", flush=True)
             for name, v in (("new", vae), ("old", old)):
                 print(f"decode {frames or 'whole chunk'} frames per pass, {name}: kernel time "
                       f"{kernel_seconds(v, latents, sizes):.3f} s", flush=True)
-        a = torch.cat(decode_seconds(vae, latents, sizes)[2], dim=2)
-        b = torch.cat(decode_seconds(old, latents, sizes)[2], dim=2)
+        a, b = vae.decode(latents, sizes), old.decode(latents, sizes)
         diff = (a - b).abs()
         print(f"frames new vs old: max abs diff {diff.max().item():.3e}, mean {diff.mean().item():.3e}", flush=True)
     del vae, old, a, b, diff
@@ -79,12 +62,7 @@ def main():
     def stream(v, steps, frames):
         pipe.vae = v
         v.decode_pass_frames = frames
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-        t = time.perf_counter()
-        for _ in pipe.stream(prompt, height=480, width=832, num_frames=81, steps=steps, seed=0):
-            pass
-        return time.perf_counter() - t, torch.cuda.max_memory_allocated(device) / 2**30
+        return stream_seconds(pipe, prompt, steps)
 
     variants = [("new", new, None), ("old", old, None), ("new", new, 1), ("old", old, 1)]
     for _, v, frames in variants:
