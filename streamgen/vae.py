@@ -28,9 +28,10 @@ selects the plain torch ops, which autograd and CPUs always use. Every step keep
 `WanVAE.to_channels_last()` runs the whole network channels-last (cuDNN's native layout) without layout changes.
 There, on CUDA, each causal 3x3x3 conv is one Triton implicit GEMM (`kernels/conv3d.py`, `set_triton_convs`): its
 buffer holds zero-padded frames (the zero ring is the conv's spatial padding), all 27 taps are summed in registers
-and the bias and a residual block's shortcut are added as the result is written, once. Other convs, and all convs
-when it is off or on CPUs, run as sums of 2D convolutions over whole frames (`set_frame_convs`), which beat the 3D
-ones (measured on an H100 and on a 2-core CPU). Each nearest-2x upsampling + 3x3 conv runs as one 2x2-phase
+and the bias and a residual block's shortcut are added as the result is written, once; at up to 128 output channels
+a residual block's first conv also applies the second conv's norm + SiLU as it writes (`kernels.conv3d.fuses_norm`).
+Other convs, and all convs when it is off or on CPUs, run as sums of 2D convolutions over whole frames
+(`set_frame_convs`), which beat the 3D ones (measured on an H100 and on a 2-core CPU). Each nearest-2x upsampling + 3x3 conv runs as one 2x2-phase
 convolution (`upsample2x_conv`). The blocks after the last temporal upsampler can take a chunk a few frames at a time
 (`WanVAE.decode_pass_frames`): they hold the full-resolution activations. Timings: benchmarks/RESULTS.md.
 """
@@ -664,8 +665,8 @@ class WanVAE(nn.Module):
         self.memory_format = torch.contiguous_format  # of activations (and conv weights); see to_channels_last
         # Most video frames a decoder pass holds at full resolution (None: a whole chunk); the low-resolution
         # blocks take the latent frames that make them. Memory grows with it, and speed a little (an H100 decoding
-        # 81 frames of 480x832 in 3-latent chunks peaks 6.7 GiB above the weights in 0.65 s; 4 frames per pass
-        # 3.5 GiB in 0.73 s, 1 frame 2.2 GiB in 0.70-0.71 s; 1.7 GiB of it is the kept frames, whatever the pass).
+        # 81 frames of 480x832 in 3-latent chunks peaks 6.0 GiB above the weights in 0.65 s; 4 frames per pass
+        # 3.4 GiB in 0.70 s, 1 frame 2.1 GiB in 0.68-0.81 s; 1.7 GiB of it is the kept frames, whatever the pass).
         self.decode_pass_frames: int | None = None
         self._stats: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
