@@ -21,8 +21,15 @@ Output channels that are not a power of two (the decoder's 96, 192, 384) are cov
 of-two widths (64 + 32, 128 + 64) sharing every input tile, so no MMA work is spent on padding. With all output
 channels in one program (up to 128: the decoder's full-resolution 96), the VAE's channel RMS norm + SiLU that feeds
 the next conv is applied as the result is written (``norm_silu``): the residual block's first conv then writes its
-second conv's input directly, and neither the first conv's output nor the norm's pass over it exists. Measured on an
-H100 against cuDNN (benchmarks/RESULTS.md).
+second conv's input directly, and neither the first conv's output nor the norm's pass over it exists.
+
+What bounds the 96-channel conv is moving tiles from L2 into shared memory, the input tiles most (a diagnostic copy
+that loads them once per program instead of per K block, wrong on purpose, runs at 636 TFLOP/s instead of 440; the
+weight tiles once, 583). So where the windows are one buffer shifted by a frame (a chunk), a program with at most 96
+output channels computes two output frames: their six time taps read four input frames, each tile loaded once for
+both (1.11x). The two frames' accumulators fill the registers (255 per thread, a few spilled), and with the norm in
+the epilogue this measured 0.98x, so that conv keeps one frame per program. Measured on an H100
+(benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -49,48 +56,82 @@ def _padded_conv3d_kernel(
     sob, sot, soh, sow,
     norm_scale, norm_eps,
     C: tl.constexpr, KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr, PAIR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """grid = (cdiv(HP * WP, BLOCK_M), cdiv(CO, BLOCK_N + BLOCK_N2), B * T): BLOCK_M consecutive positions of the
-    padded frame (HP x WP, row-major) of output frame t of batch b, output channels [n0, n0 + BLOCK_N + BLOCK_N2)
-    in two accumulators (BLOCK_N2 = 0: one). Positions on the padding ring are computed and not stored. NORM (one
-    program holds all CO channels): the stored value is silu(rms_norm(conv) * gamma) instead of the conv."""
+    """grid = (cdiv(HP * WP, BLOCK_M), cdiv(CO, BLOCK_N + BLOCK_N2), B * cdiv(T, 1 + PAIR)): BLOCK_M consecutive
+    positions of the padded frame (HP x WP, row-major) of output frame t (and t + 1 with PAIR) of batch b, output
+    channels [n0, n0 + BLOCK_N + BLOCK_N2) in two accumulators (BLOCK_N2 = 0: one). PAIR (KT = 3, the windows one
+    buffer shifted by a frame each): the two frames' six time taps read four input frames, each tile loaded once
+    for both. Positions on the padding ring (and a frame t + 1 = T) are computed and not stored. NORM (one program
+    holds all CO channels): the stored value is silu(rms_norm(conv) * gamma) instead of the conv."""
     pid_m = tl.program_id(0)
     n0 = tl.program_id(1) * (BLOCK_N + BLOCK_N2)
+    TP = (T + PAIR) // (1 + PAIR)
     bt = tl.program_id(2)
-    b = bt // T
-    t = bt % T
+    b = bt // TP
+    t = (bt % TP) * (1 + PAIR)
     WP = W + KW - 1
     FP = (H + KH - 1) * WP
     p0 = pid_m * BLOCK_M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = acc  # unused unless BLOCK_N2 > 0
     if BLOCK_N2 > 0:
         acc2 = tl.zeros((BLOCK_M, BLOCK_N2), dtype=tl.float32)
+    if PAIR:
+        next_acc = acc
+        next_acc2 = acc2
 
-    for kt in tl.static_range(KT):
-        if kt == 0:
+    for f in tl.static_range(KT + PAIR):  # f < KT: window f at frame t; f = KT (PAIR): the last window at t + 1
+        if f == 0:
             desc = x0_desc
-            row0 = b * rows0_b
-        elif kt == 1:
+            row0 = b * rows0_b + t * FP
+        elif f == 1:
             desc = x1_desc
-            row0 = b * rows1_b
+            row0 = b * rows1_b + t * FP
+        elif f == 2:
+            desc = x2_desc
+            row0 = b * rows2_b + t * FP
         else:
             desc = x2_desc
-            row0 = b * rows2_b
-        row0 += t * FP + p0 - (KH // 2) * WP - KW // 2  # tap (0, 0) of the tile's first position
+            row0 = b * rows2_b + (t + 1) * FP
+        row0 += p0 - (KH // 2) * WP - KW // 2  # tap (0, 0) of the tile's first position
         for i in range(KH * KW * C // BLOCK_K):  # C % BLOCK_K == 0: a K block never straddles two spatial taps
             tap = (i * BLOCK_K) // C
             a = desc.load([row0 + (tap // KW) * WP + tap % KW, (i * BLOCK_K) % C])
-            k = kt * KH * KW * C + i * BLOCK_K
-            acc = tl.dot(a, w_desc.load([k, n0]), acc)
-            if BLOCK_N2 > 0:
-                acc2 = tl.dot(a, w2_desc.load([k, n0 + BLOCK_N]), acc2)
+            if f < KT:  # time tap f of frame t
+                k = f * KH * KW * C + i * BLOCK_K
+                acc = tl.dot(a, w_desc.load([k, n0]), acc)
+                if BLOCK_N2 > 0:
+                    acc2 = tl.dot(a, w2_desc.load([k, n0 + BLOCK_N]), acc2)
+            if PAIR:
+                if f >= 1:  # time tap f - 1 of frame t + 1
+                    k = (f - 1) * KH * KW * C + i * BLOCK_K
+                    next_acc = tl.dot(a, w_desc.load([k, n0]), next_acc)
+                    if BLOCK_N2 > 0:
+                        next_acc2 = tl.dot(a, w2_desc.load([k, n0 + BLOCK_N]), next_acc2)
 
+    _write_frame(acc, acc2, b, t, T, p0, H, W, CO, n0, bias_ptr, res_ptr, gamma_ptr, out_ptr,
+                 srb, srt, srh, srw, sob, sot, soh, sow, norm_scale, norm_eps,
+                 KH, KW, HAS_BIAS, HAS_RES, NORM, BLOCK_M, BLOCK_N, BLOCK_N2)
+    if PAIR:
+        _write_frame(next_acc, next_acc2, b, t + 1, T, p0, H, W, CO, n0, bias_ptr, res_ptr, gamma_ptr,
+                     out_ptr, srb, srt, srh, srw, sob, sot, soh, sow, norm_scale, norm_eps,
+                     KH, KW, HAS_BIAS, HAS_RES, NORM, BLOCK_M, BLOCK_N, BLOCK_N2)
+
+
+@triton.jit
+def _write_frame(acc, acc2, b, t, T, p0, H, W, CO, n0, bias_ptr, res_ptr, gamma_ptr, out_ptr,
+                 srb, srt, srh, srw, sob, sot, soh, sow, norm_scale, norm_eps,
+                 KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                 NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N2: tl.constexpr):
+    """Store output frame t's tile (if t < T): bias, residual and the norm applied to the two accumulators."""
+    WP = W + KW - 1
     p = p0 + tl.arange(0, BLOCK_M)
     h = p // WP - KH // 2
     w = p % WP - KW // 2
-    inside = (p < FP) & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+    inside = (p < (H + KH - 1) * WP) & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+    inside &= p * 0 + t < T  # as a vector: Triton's interpreter rejects a mask made with a scalar condition
     h64 = h.to(tl.int64)
     w64 = w.to(tl.int64)
     pix_o = h64 * soh + w64 * sow + b.to(tl.int64) * sob + t.to(tl.int64) * sot
@@ -175,6 +216,15 @@ def fuses_norm(C: int, CO: int) -> bool:
     return CO <= block_n + block_n2 <= 128
 
 
+def _one_buffer(windows: Sequence[torch.Tensor]) -> bool:
+    """Whether the windows are three views of one buffer shifted by a frame each, at least two frames long: then the
+    frames t .. t + 3 that output frames t and t + 1 read are all there for a program computing both."""
+    x = windows[0]
+    step = x.stride(1) * x.element_size()
+    return len(windows) == 3 and x.shape[1] > 1 and all(
+        win.data_ptr() == x.data_ptr() + k * step for k, win in enumerate(windows))
+
+
 def padded_conv3d(
     windows: Sequence[torch.Tensor],
     weight: torch.Tensor,
@@ -188,6 +238,7 @@ def padded_conv3d(
     block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int = 4,
+    pair_frames: bool = True,
 ) -> torch.Tensor:
     """out[:, :, t] = sum_k conv2d(windows[k][:, t], weight[:, :, k]) (+ bias) (+ residual), all kt * kh * kw * C
     products of a value summed in fp32 and rounded once.
@@ -200,7 +251,9 @@ def padded_conv3d(
     receives silu(y / max(||y||, norm_eps) * sqrt(CO) * gain) with y the conv (+ bias + residual) rounded to the
     windows' dtype and the norm over channels (the VAE's RMSNorm before its next conv), so the conv itself is never
     written. ``block_m``, ``block_n`` (one accumulator of that many output channels instead of the default split),
-    ``num_warps``, ``num_stages``: launch settings, for tuning. Returns ``out``.
+    ``num_warps``, ``num_stages``: launch settings, for tuning. ``pair_frames``: two output frames per program where the
+    windows are one buffer shifted by a frame each, at most 96 output channels are computed per program and no norm
+    is applied (each input tile loaded once for both frames; see the module docstring). Returns ``out``.
     """
     if weight.dim() != 5:
         raise ValueError(f"weight must be (CO, C, kt, kh, kw), got {tuple(weight.shape)}")
@@ -243,7 +296,8 @@ def padded_conv3d(
              for win in padded]
     w_descs = [TensorDescriptor(taps, list(taps.shape), [CO, 1], [block_k, n]) for n in (block_n, block_n2 or block_n)]
     res = residual if residual is not None else out
-    grid = (triton.cdiv(HP * WP, block_m), triton.cdiv(CO, block_n + block_n2), B * T)
+    pair = pair_frames and norm_silu is None and block_n + block_n2 <= 96 and _one_buffer(windows)
+    grid = (triton.cdiv(HP * WP, block_m), triton.cdiv(CO, block_n + block_n2), B * triton.cdiv(T, 1 + pair))
     _padded_conv3d_kernel[grid](
         *descs, *w_descs, bias if bias is not None else taps, res, norm_silu if norm_silu is not None else taps, out,
         T, H, W, CO, *(win.stride(0) // C for win in padded),
@@ -251,7 +305,7 @@ def padded_conv3d(
         out.stride(0), out.stride(2), out.stride(3), out.stride(4),
         float(CO) ** 0.5, float(norm_eps),
         C=C, KT=kt, KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-        NORM=norm_silu is not None,
+        NORM=norm_silu is not None, PAIR=pair,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_N2=block_n2, BLOCK_K=block_k,
         num_warps=num_warps, num_stages=num_stages,
     )

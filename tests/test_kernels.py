@@ -31,6 +31,7 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != 
 
 import pytest
 
+from kernels import conv3d
 from kernels._launch import INTERPRET
 from kernels.attention import attention_reference, chunk_attention, extend_attention
 from kernels.conv3d import fuses_norm, padded_conv3d, padded_conv3d_reference
@@ -549,6 +550,29 @@ def test_padded_conv3d_with_the_next_norm_in_its_epilogue(case):
     ring = torch.ones_like(following, dtype=torch.bool)
     ring[:, :, 1:-1, 1:-1] = False
     assert (following[ring] == 7.0).all()
+
+
+@pytest.mark.parametrize("co", [96, 48])
+def test_padded_conv3d_two_frames_per_program(co):
+    """Over one buffer shifted by a frame (the VAE's chunks), without a norm in the epilogue, each program computes
+    two output frames from the four input frames they share: an odd frame count leaves the last program's second
+    frame unstored, two videos in the batch keep apart, and every value is the one-frame-per-program kernel's (the
+    same sums in the same order) and fp64's."""
+    b, c, t, h, w = 2, 16, 3, 5, 6
+    buf = padded_frames(b, t + 2, h, w, c)
+    windows = [buf[:, k : k + t] for k in range(3)]
+    assert conv3d._one_buffer(windows) and not conv3d._one_buffer([buf[:, k : k + 1] for k in (0, 2, 3)])
+    weight, bias = rand(co, c, 3, 3, 3, scale=(27 * c) ** -0.5), rand(co)
+    r = rand(b, co, t, h, w).contiguous(memory_format=torch.channels_last_3d)
+    outs = []
+    for pair in (True, False):
+        out = torch.full((b, t + 1, h, w, co), 7.0, device=DEVICE).permute(0, 4, 1, 2, 3)
+        padded_conv3d(windows, weight, bias, residual=r, out=out[:, :, :t], pair_frames=pair, block_m=32)
+        assert (out[:, :, t] == 7.0).all()  # the frame after the last is not written
+        outs.append(out[:, :, :t])
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    ref = padded_conv3d_reference(f64(*windows), weight.double(), *f64(bias, r))
+    torch.testing.assert_close(outs[0].double(), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_padded_conv3d_weight_copy_follows_the_weight():
