@@ -46,8 +46,8 @@ def _steps(text: str) -> int | list[int]:
 
 
 DECODE_PASS_HELP = ("decode at most N video frames per VAE pass: less GPU memory (480x832 on an H100: the decoder "
-                    "peaks at 3.4 GiB for N=4, 2.1 for N=1, instead of 6.0; N=1 measured 1.8%% slower at 4 steps, "
-                    "3%% at 1 before the two-frame conv) (default: a chunk)")
+                    "peaks at 3.4 GiB for N=4, 2.1 for N=1, instead of 6.0; N=1 streams 0.2-0.6%% slower at 4 "
+                    "steps, 5%% at 1) (default: a chunk)")
 
 
 def _positive_int(text: str) -> int:
