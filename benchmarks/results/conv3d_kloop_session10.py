@@ -84,20 +84,27 @@ def variant(windows, weight, bias, out, ksplit, areg, block_k=None, warps=4, sta
                                  KSPLIT=ksplit, AREG=areg, num_warps=warps, num_stages=stages)
 
 
+def conv_case(c: int, t: int, h: int, w: int, dev: str = "cuda", dt: torch.dtype = torch.bfloat16):
+    """A random c -> c conv of t frames at h x w as the decoder runs it: a [2 kept + t] buffer of zero-ringed padded
+    frames, its three windows, weight and bias; prints `kernels.conv3d`'s time. Returns (buffer, windows, weight,
+    bias, flops, kernels.conv3d's output). Also used by `conv3d_two_frames_session10.py`."""
+    buf = torch.randn(1, t + 2, h + 2, w + 2, c, device=dev, dtype=dt)
+    buf[:, :, 0] = buf[:, :, -1] = 0
+    buf[:, :, :, 0] = buf[:, :, :, -1] = 0
+    windows = [buf[:, k : k + t] for k in range(3)]
+    weight = (torch.randn(c, c, 3, 3, 3, device=dev) / (27 * c) ** 0.5).to(dt)
+    bias = torch.randn(c, device=dev, dtype=dt)
+    flops = 2 * c * c * 27 * t * h * w
+    ref = padded_conv3d(windows, weight, bias)
+    ms = do_bench(partial(padded_conv3d, windows, weight, bias))
+    print(f"{c} ch T {t} {h}x{w}: kernels.conv3d {ms:.3f} ms ({flops / ms / 1e9:.0f} TFLOP/s)", flush=True)
+    return buf, windows, weight, bias, flops, ref
+
+
 def main() -> None:
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
-    dev, dt = "cuda", torch.bfloat16
     for c, t, h, w in ((96, 12, 480, 832), (192, 12, 240, 416), (96, 1, 480, 832)):
-        buf = torch.randn(1, t + 2, h + 2, w + 2, c, device=dev, dtype=dt)
-        buf[:, :, 0] = buf[:, :, -1] = 0
-        buf[:, :, :, 0] = buf[:, :, :, -1] = 0
-        windows = [buf[:, k : k + t] for k in range(3)]
-        weight = (torch.randn(c, c, 3, 3, 3, device=dev) / (27 * c) ** 0.5).to(dt)
-        bias = torch.randn(c, device=dev, dtype=dt)
-        flops = 2 * c * c * 27 * t * h * w
-        ref = padded_conv3d(windows, weight, bias)
-        ms = do_bench(partial(padded_conv3d, windows, weight, bias))
-        print(f"{c} ch T {t} {h}x{w}: kernels.conv3d {ms:.3f} ms ({flops / ms / 1e9:.0f} TFLOP/s)", flush=True)
+        _, windows, weight, bias, flops, ref = conv_case(c, t, h, w)
         bk = _blocks(c, c)[2]
         settings = [(1, a, bk, 4, s) for a in (0, 1) for s in (3, 4)]
         settings += [(c // bk, a, bk, 4, s) for a in (0, 1) for s in (2, 3)]

@@ -11,6 +11,7 @@ from functools import partial
 import torch
 import triton
 import triton.language as tl
+from conv3d_kloop_session10 import conv_case
 from triton.testing import do_bench
 from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -74,18 +75,8 @@ def two_frames(buf, weight, bias, out, block_m=128, warps=8, stages=3):
 
 def main() -> None:
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
-    dev, dt = "cuda", torch.bfloat16
     for c, t, h, w in ((96, 12, 480, 832), (96, 8, 480, 832), (96, 4, 480, 832), (96, 12, 480, 832)):
-        buf = torch.randn(1, t + 2, h + 2, w + 2, c, device=dev, dtype=dt)
-        buf[:, :, 0] = buf[:, :, -1] = 0
-        buf[:, :, :, 0] = buf[:, :, :, -1] = 0
-        windows = [buf[:, k : k + t] for k in range(3)]
-        weight = (torch.randn(c, c, 3, 3, 3, device=dev) / (27 * c) ** 0.5).to(dt)
-        bias = torch.randn(c, device=dev, dtype=dt)
-        flops = 2 * c * c * 27 * t * h * w
-        ref = padded_conv3d(windows, weight, bias)
-        ms = do_bench(partial(padded_conv3d, windows, weight, bias))
-        print(f"{c} ch T {t} {h}x{w}: kernels.conv3d {ms:.3f} ms ({flops / ms / 1e9:.0f} TFLOP/s)", flush=True)
+        buf, windows, weight, bias, flops, ref = conv_case(c, t, h, w)
         for block_m, warps, stages in ((128, 4, 2), (128, 4, 3), (128, 4, 4), (128, 8, 3)):
             out = torch.empty_like(ref)
             name = f"  two frames block_m {block_m} warps {warps} stages {stages}:"

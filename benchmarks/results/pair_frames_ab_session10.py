@@ -11,9 +11,8 @@ both, then the whole 1.3B stream end to end at 4 and 1 steps.
 from functools import partial
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 from triton.testing import do_bench
-from vae_ab_session8 import decode_seconds, stream_seconds
+from vae_ab_session8 import decode_seconds, kernel_seconds, stream_seconds
 
 import kernels.conv3d as conv3d
 from streamgen.bench import random_pipeline, vae_decode_case
@@ -24,12 +23,6 @@ ONE_BUFFER = conv3d._one_buffer
 def pairs(on: bool) -> str:
     conv3d._one_buffer = ONE_BUFFER if on else (lambda windows: False)
     return "pairs" if on else "single"
-
-
-def kernel_seconds(vae, latents, sizes):
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        decode_seconds(vae, latents, sizes)
-    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
 
 
 def main():

@@ -1,11 +1,13 @@
-"""Shared by the one-off VAE and stream measurements of sessions 8 and 9 (`vae_triton_conv_ab_session8.py`,
-`vae_profile_ab_session8.py`, `conv3d_launch_overhead_session8.py`, `decode_pass_frames_ab_session8.py`, and the
-`*_session9.py` scripts): timing one streaming decode, timing one whole stream, and a copy of a VAE in an earlier
-session's code (its modules put next to the scripts for the run, as `vae_triton_conv_ab_session8.py` describes)."""
+"""Shared by the one-off VAE and stream measurements of sessions 8-10 (`vae_triton_conv_ab_session8.py`,
+`vae_profile_ab_session8.py`, `conv3d_launch_overhead_session8.py`, `decode_pass_frames_ab_session8.py`, the
+`*_session9.py` scripts and the stream A/Bs of session 10): timing one streaming decode (wall, host, or its GPU
+kernel time), timing one whole stream, and a copy of a VAE in an earlier session's code (its modules put next to
+the scripts for the run, as `vae_triton_conv_ab_session8.py` describes)."""
 
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 
 def decode_seconds(vae, latents: torch.Tensor, sizes: list[int]) -> tuple[float, float]:
@@ -22,6 +24,13 @@ def decode_seconds(vae, latents: torch.Tensor, sizes: list[int]) -> tuple[float,
         del frames
     torch.cuda.synchronize()
     return time.perf_counter() - start, host
+
+
+def kernel_seconds(vae, latents: torch.Tensor, sizes: list[int]) -> float:
+    """The GPU kernel time of one streaming decode (torch.profiler: the sum of every op's device time), seconds."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        decode_seconds(vae, latents, sizes)
+    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
 
 
 def stream_seconds(pipe, prompt: torch.Tensor, steps: int) -> tuple[float, float]:

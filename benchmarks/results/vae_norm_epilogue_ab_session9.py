@@ -13,8 +13,7 @@ this script for the run (not kept in the repo):
     python benchmarks/results/vae_norm_epilogue_ab_session9.py     # on the GPU machine
 """
 import torch
-from torch.profiler import ProfilerActivity, profile
-from vae_ab_session8 import code_copy, decode_seconds, stream_seconds
+from vae_ab_session8 import code_copy, decode_seconds, kernel_seconds, stream_seconds
 
 from streamgen.bench import random_pipeline, vae_decode_case
 
@@ -23,12 +22,6 @@ def session8_copy(vae):
     from abtmp_session9 import old_vae
 
     return code_copy(vae, old_vae)
-
-
-def kernel_seconds(vae, latents, sizes):
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        decode_seconds(vae, latents, sizes)
-    return sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
 
 
 def main():
