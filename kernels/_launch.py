@@ -31,8 +31,12 @@ def check_tensors(*tensors: torch.Tensor | None) -> None:
 
 
 def row_warps(block: int) -> int:
-    """Warps for a program that owns one row of ``block`` elements: ~8 elements per thread, 1..16 warps."""
-    return min(max(block // 256, 1), 16)
+    """Warps for a program that owns one row of ``block`` elements: ~16 elements per thread, 1..16 warps.
+
+    H100, bf16 rows of a 1.3B chunk (D = 1536, 4,680 tokens) from CUDA graphs: 4 warps take 8.1 / 10.5 / 7.6 us for
+    the q/k norm + RoPE / modulated LayerNorm / gated residual, 8 warps (8 elements per thread) 9.9 / 14.7 / 7.5;
+    at D = 5120 16 warps are within 5% of the best (benchmarks/results/row_kernels_session11.txt)."""
+    return min(max(block // 512, 1), 16)
 
 
 def pow2(n: int) -> int:
