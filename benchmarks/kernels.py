@@ -54,7 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph timings (graph_ms columns)")
     p.add_argument("--skip-attention", action="store_true")
     p.add_argument("--skip-elementwise", action="store_true")
-    p.add_argument("--skip-vae", action="store_true", help="skip the VAE decoder's causal 3x3x3 convs")
+    p.add_argument("--skip-vae", action="store_true",
+                   help="skip the VAE decoder's causal 3x3x3 convs and phase interleave")
     return p.parse_args(argv)
 
 
@@ -78,7 +79,12 @@ def main(argv=None) -> int:
         layernorm_modulate_reference,
     )
     from kernels.qk_norm_rope import rms_norm_rope, rms_norm_rope_reference, rope, rope_reference
-    from kernels.vae_ops import channel_rms_norm, channel_rms_norm_reference
+    from kernels.vae_ops import (
+        channel_rms_norm,
+        channel_rms_norm_reference,
+        phase_interleave,
+        phase_interleave_reference,
+    )
     from streamgen.attention import Mask
     from streamgen.attention import attention as engine_attention
     from streamgen.vae import conv_by_frames
@@ -303,6 +309,16 @@ def main(argv=None) -> int:
                         "base_max_abs_err": be["max_abs_err"], "base_rel_err": be["rel_err"]})
                 del nxt, inside
             del buf, padded, windows
+        # the 2x upsampling's four phases (a 12-frame chunk into the 96-channel full-resolution blocks) interleaved
+        n, o, h, w = 12, 96, 240, 416
+        y = torch.randn(n, 4 * o, h + 1, w + 1, device=dev, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        bias = torch.randn(o, device=dev, dtype=dtype)
+        up = torch.empty(n, o, 2 * h, 2 * w, device=dev, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        up_torch = torch.empty_like(up)
+        ref = phase_interleave_reference(y.float(), bias.float(), torch.empty(up.shape, device=dev))
+        mem_row("vae phase_interleave", f"({n},4x{o},{h}+1,{w}+1)", 2 * up.numel() * dtype.itemsize,
+                lambda: phase_interleave(y, bias, up), lambda: phase_interleave_reference(y, bias, up_torch), ref)
+        del y, up, up_torch, ref
 
     print()
     print("ms: do_bench (includes launch overhead); graph: CUDA-graph replay (GPU time only); perf from each; "

@@ -186,9 +186,29 @@ def conv_by_frames(x: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tenso
         windows = (frame[:, :, 0] for frame in x)
     out = None
     for k, window in enumerate(windows):
+        if weight.shape[3:] == (1, 1) and (y := _pointwise(window, weight[:, :, k], bias, out)) is not None:
+            out = y  # a time conv: GEMMs summing the taps in their epilogue
+            continue
         y = F.conv2d(window, weight[:, :, k].contiguous(memory_format=fmt), bias if k == 0 else None, padding=padding)
         out = y if out is None else out.add_(y)
     return out.reshape(b, t, *out.shape[1:]).transpose(1, 2)
+
+
+def _pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               into: torch.Tensor | None = None) -> torch.Tensor | None:
+    """A 1x1 conv (`weight` (O, C, 1, ...)) of a channels-last x (N, C, *positions) as one GEMM with the bias in
+    its epilogue, or added to `into` (an earlier result: the GEMM reads and sums it, no pass of its own); cuDNN
+    added the bias and tap sums in passes of their own. Returns (N, O, *positions) channels-last, or None when x's
+    channels are not the rows of one (positions, C) matrix (the caller convolves)."""
+    rows = x.movedim(1, -1)
+    if not rows.is_contiguous() or (into is not None and not into.movedim(1, -1).is_contiguous()):
+        return None
+    rows, w = rows.view(-1, x.shape[1]), weight.reshape(weight.shape[0], -1).t()
+    if into is not None:
+        into.movedim(1, -1).view(-1, into.shape[1]).addmm_(rows, w)
+        return into
+    y = rows @ w if bias is None else torch.addmm(bias, rows, w)
+    return y.view(*x.shape[:1], *x.shape[2:], -1).movedim(-1, 1)
 
 
 FEW_OUTPUTS = 4  # convs with at most this many output channels (the decoder's RGB conv) fold their taps into outputs
@@ -284,6 +304,8 @@ class CausalConv3d(nn.Conv3d):
 
     def forward(self, x: torch.Tensor, cache: TimeCache | None = None) -> torch.Tensor:
         if not self.past_frames:  # CPU 3D convs return channels-first whatever x is: keep x's format
+            if self.kernel_size == (1, 1, 1) and (y := _pointwise(x, self.weight, self.bias)) is not None:
+                return y
             return super().forward(x).contiguous(memory_format=_memory_format(x))
         return self.convolve(x, lambda out: out.copy_(x), cache)
 
@@ -448,10 +470,11 @@ class AttentionBlock(nn.Module):
         y = torch.empty((b * t, c, h, w), dtype=x.dtype, device=x.device,
                         memory_format=_frame_format(x))
         self.norm(x, out=y.view(b, t, c, h, w).transpose(1, 2))  # frames batched, without a transposed copy of x
-        qkv = self.to_qkv(y).flatten(2).transpose(1, 2).unsqueeze(1)  # (b*t, 1, h*w, 3c)
+        qkv = _pointwise(y, self.to_qkv.weight, self.to_qkv.bias)
+        qkv = (self.to_qkv(y) if qkv is None else qkv).flatten(2).transpose(1, 2).unsqueeze(1)  # (b*t, 1, h*w, 3c)
         q, k, v = qkv.chunk(3, dim=-1)
-        y = F.scaled_dot_product_attention(q, k, v)
-        y = self.proj(y.squeeze(1).transpose(1, 2).reshape(b * t, c, h, w))
+        y = F.scaled_dot_product_attention(q, k, v)  # (b*t, 1, h*w, c): channels-last frames' rows
+        y = _pointwise(y.reshape(b * t, h, w, c).permute(0, 3, 1, 2), self.proj.weight, self.proj.bias)
         return x + y.view(b, t, c, h, w).transpose(1, 2)
 
 
@@ -461,8 +484,9 @@ def upsample2x_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     alike), so each phase (a, b) is a 2x2 convolution of x whose taps are sums of the 3x3 taps that land on one
     input pixel: 2.25x fewer multiply-adds. The four phases come out of one convolution (4 O channels, padding 1,
     phase (a, b) at offset (a, b) of its (H + 1, W + 1) output), and one strided pass interleaves them, adding the
-    bias. Returns
-    (N, O, 2H, 2W) in x's memory format."""
+    bias (on CUDA inference the Triton kernel `kernels.vae_ops.phase_interleave`, which moves whole channel vectors:
+    torch's strided add ran at about a third of the memory bandwidth). Returns (N, O, 2H, 2W) in x's memory
+    format."""
     n, _, h, w = x.shape
     o = conv.out_channels
     weight = conv.weight.to(torch.promote_types(conv.weight.dtype, torch.float32))  # tap sums in fp32 at least
@@ -478,6 +502,10 @@ def upsample2x_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     # y[n, (2a + b) O + o, i + a, j + b] for (n, a, b, o, i, j): one strided view, no copy
     split = y.as_strided((n, 2, 2, o, h, w), (sn, 2 * o * sc + sh, o * sc + sw, sc, sh, sw), y.storage_offset())
     out = torch.empty((n, o, 2 * h, 2 * w), dtype=y.dtype, device=y.device, memory_format=fmt)
+    if _fused(y):
+        from kernels.vae_ops import phase_interleave
+
+        return phase_interleave(y, conv.bias, out)
     phased = out.unflatten(2, (h, 2)).unflatten(4, (w, 2)).permute(0, 3, 5, 1, 2, 4)
     if conv.bias is None:
         phased.copy_(split)
