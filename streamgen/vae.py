@@ -498,14 +498,14 @@ def upsample2x_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     fmt = _memory_format(x)
     w4 = torch.cat([kb for ka in phases(weight, 2) for kb in phases(ka, 3)]).to(x.dtype)
     y = F.conv2d(x, w4.contiguous(memory_format=fmt), padding=1)  # (N, 4 O, H + 1, W + 1)
-    sn, sc, sh, sw = y.stride()
-    # y[n, (2a + b) O + o, i + a, j + b] for (n, a, b, o, i, j): one strided view, no copy
-    split = y.as_strided((n, 2, 2, o, h, w), (sn, 2 * o * sc + sh, o * sc + sw, sc, sh, sw), y.storage_offset())
     out = torch.empty((n, o, 2 * h, 2 * w), dtype=y.dtype, device=y.device, memory_format=fmt)
     if _fused(y):
         from kernels.vae_ops import phase_interleave
 
         return phase_interleave(y, conv.bias, out)
+    sn, sc, sh, sw = y.stride()
+    # y[n, (2a + b) O + o, i + a, j + b] for (n, a, b, o, i, j): one strided view, no copy
+    split = y.as_strided((n, 2, 2, o, h, w), (sn, 2 * o * sc + sh, o * sc + sw, sc, sh, sw), y.storage_offset())
     phased = out.unflatten(2, (h, 2)).unflatten(4, (w, 2)).permute(0, 3, 5, 1, 2, 4)
     if conv.bias is None:
         phased.copy_(split)

@@ -384,29 +384,29 @@ def test_decode_matches_independent_reference_float64(vae64):
     torch.testing.assert_close(streamed, expected, rtol=0, atol=1e-6)
 
 
-def test_channels_last_decode_matches_independent_reference_float64(vae64):
+def test_channels_last_decode_matches_independent_reference_float64(vae64, monkeypatch):
     """Channels-last, the 1x1 convs (shortcuts, time convs' taps, the attention's projections) run as GEMMs on the
     activations' rows, with bias and tap sums in the GEMM: still the reference's frames."""
     import streamgen.vae as vae_module
 
     z = latents(5, dtype=torch.float64)
-    calls = []
+    gemms = []
     real = vae_module._pointwise
+
+    def pointwise(*args):
+        out = real(*args)
+        gemms.append(out is not None)
+        return out
+
+    monkeypatch.setattr(vae_module, "_pointwise", pointwise)
     try:
         vae64.to_channels_last()
-        def pointwise(*args):
-            out = real(*args)
-            calls.append(out is not None)
-            return out
-
-        vae_module._pointwise = pointwise
         decoder = vae64.stream_decoder()
         streamed = torch.cat([decoder.decode(c) for c in z.split([1, 1, 3], dim=2)], dim=2)
     finally:
-        vae_module._pointwise = real
         vae64.to_channels_last(False)
     torch.testing.assert_close(streamed, ref_decode(vae64, z).float(), rtol=0, atol=1e-6)
-    assert sum(calls) > 10  # the GEMMs ran (post_quant_conv, attention, time convs)
+    assert sum(gemms) > 10  # the GEMMs ran (post_quant_conv, attention, time convs)
 
 
 def test_reset_starts_a_new_video(vae):
