@@ -66,13 +66,17 @@ def _cos_sin(cos: torch.Tensor, sin: torch.Tensor, B: int, L: int, half: int) ->
     return torch.broadcast_to(cos, (B, L, half)), torch.broadcast_to(sin, (B, L, half))
 
 
-def _launch(x4: torch.Tensor, weight, cos, sin, eps: float) -> torch.Tensor:
-    """Run the kernel on a (B, L, H, d) view; weight None skips the norm, cos None skips the rotation."""
+def _launch(x4: torch.Tensor, weight, cos, sin, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Run the kernel on a (B, L, H, d) view; weight None skips the norm, cos None skips the rotation; into `out`
+    ((B, L, H, d) in x's dtype, any strides) when given."""
     B, L, H, d = x4.shape
     if d % 2:
         raise ValueError(f"head dim must be even for RoPE pairs, got {d}")
     half = d // 2  # HEAD_D is a constexpr: f // d, f % d are shifts when d is a power of two
-    out = torch.empty((B, L, H, d), dtype=x4.dtype, device=x4.device)
+    if out is None:
+        out = torch.empty((B, L, H, d), dtype=x4.dtype, device=x4.device)
+    elif out.shape != x4.shape or out.dtype != x4.dtype:
+        raise ValueError(f"out must be {tuple(x4.shape)} {x4.dtype}, got {tuple(out.shape)} {out.dtype}")
     if cos is not None:
         cos, sin = _cos_sin(cos, sin, B, L, half)
         if sin.stride() != cos.stride():  # the kernel indexes both tables with one set of strides
@@ -101,11 +105,13 @@ def rms_norm_rope(
     cos: torch.Tensor | None,
     sin: torch.Tensor | None,
     heads: int,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """RMSNorm over all H*d features (fp32) times ``weight``, then RoPE per head; returns (B, L, H, d) in x.dtype.
 
     x: (B, L, H*d) projection output (any strides, e.g. a slice of a fused qkv output). weight: (H*d,).
-    cos, sin: (L, d/2) fp32 tables (or (B, L, d/2)); ``cos=None`` normalises only (keys go to the cache unrotated).
+    cos, sin: (L, d/2) fp32 tables (or (B, L, d/2)); ``cos=None`` normalises only. ``out``: (B, L, H, d) in x.dtype,
+    any strides, written and returned (a slice of the KV cache: the keys need no copy into it).
     """
     if x.dim() != 3:
         raise ValueError(f"x must be (B, L, H*d), got {tuple(x.shape)}")
@@ -116,7 +122,7 @@ def rms_norm_rope(
         raise ValueError(f"weight must be ({F},), got {tuple(weight.shape)}")
     if (cos is None) != (sin is None):
         raise ValueError("pass both cos and sin, or neither")
-    return _launch(x.unflatten(-1, (heads, F // heads)), weight, cos, sin, eps)
+    return _launch(x.unflatten(-1, (heads, F // heads)), weight, cos, sin, eps, out)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

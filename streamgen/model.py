@@ -156,20 +156,33 @@ class Attention(nn.Module):
     def split(self, x: Tensor) -> Tensor:
         return x.unflatten(-1, (self.heads, -1))
 
-    def norm_rope(self, x: Tensor, weight: Tensor, rope: tuple[Tensor, Tensor] | None) -> Tensor:
-        """RMSNorm across heads (fp32), then rotary if given: (B, L, H*d) -> (B, L, H, d)."""
+    def norm_rope(self, x: Tensor, weight: Tensor, rope: tuple[Tensor, Tensor] | None,
+                  out: Tensor | None = None) -> Tensor:
+        """RMSNorm across heads (fp32), then rotary if given: (B, L, H*d) -> (B, L, H, d), into `out` if given."""
         if _fused(x):
             from kernels import rms_norm_rope
 
-            return rms_norm_rope(x, weight, self.eps, *(rope or (None, None)), self.heads)
+            return rms_norm_rope(x, weight, self.eps, *(rope or (None, None)), self.heads, out=out)
         y = self.split(rms_norm(x, weight, self.eps))
-        return y if rope is None else apply_rotary(y, *rope)
+        y = y if rope is None else apply_rotary(y, *rope)
+        return y if out is None else out.copy_(y)
 
     def query(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
         return self.norm_rope(self.to_q(x), self.norm_q.weight, rope)
 
-    def key_value(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-        return self.norm_rope(self.to_k(x), self.norm_k.weight, rope), self.split(self.to_v(x))
+    def key_value(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None,
+                  out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """Keys (normed, rotated) and values (B, L, H, d); with `out` (slices of the KV cache) written there: the
+        norm kernel and, for one stream, the values' GEMM write the cache directly instead of a copy after them."""
+        if out is None:
+            return self.norm_rope(self.to_k(x), self.norm_k.weight, rope), self.split(self.to_v(x))
+        keys, values = out
+        self.norm_rope(self.to_k(x), self.norm_k.weight, rope, out=keys)
+        if x.shape[0] == 1 and values.is_contiguous():
+            torch.addmm(self.to_v.bias, x[0], self.to_v.weight.t(), out=values[0].view(x.shape[1], -1))
+        else:
+            values.copy_(self.split(self.to_v(x)))
+        return keys, values
 
     def out(self, o: Tensor) -> Tensor:
         return self.to_out[0](o.flatten(-2))
@@ -271,10 +284,11 @@ class Block(nn.Module):
         table = self.scale_shift_table.float()
         segments = [Segment(s.start, s.end, s.emb, table + s.mod.float()) for s in segments]
         h = modulated_norm(x, segments, shift=0, scale=1, eps=self.eps)
-        k, v = self.attn1.key_value(h, rope)
-        if past is not None and past.store:
-            n, end = past.length, past.length + k.shape[1]
-            past.keys[:, n:end], past.values[:, n:end] = k, v
+        if past is not None and past.store:  # the new tokens' keys and values go straight into the cache
+            n, end = past.length, past.length + h.shape[1]
+            k, v = self.attn1.key_value(h, rope, out=(past.keys[:, n:end], past.values[:, n:end]))
+        else:
+            k, v = self.attn1.key_value(h, rope)
         if kv_only:
             return x, k, v
         q = self.attn1.query(h, rope)

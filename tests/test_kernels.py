@@ -185,6 +185,21 @@ def test_rms_norm_rope_strided_qkv_and_batch_tables():
     check_ulp(out, rms_norm_rope_reference(*f64(q, w), 1e-6, *f64(cos, sin), H), torch.float32)
 
 
+def test_rms_norm_rope_into_a_cache_slice():
+    """out= writes a slice of a larger (B, capacity, H, d) buffer (the KV cache) in place, leaving the rest; a wrong
+    out is an error."""
+    B, L, H, d = 2, 5, 3, 32
+    x, w = rand(B, L, H * d), rand(H * d)
+    cos, sin = rope_tables(L, d)
+    cache = torch.full((B, 11, H, d), 7.0, device=DEVICE)
+    got = rms_norm_rope(x, w, 1e-6, cos, sin, H, out=cache[:, 4:4 + L])
+    assert got.data_ptr() == cache[:, 4:].data_ptr()
+    check_ulp(cache[:, 4:4 + L], rms_norm_rope_reference(*f64(x, w), 1e-6, *f64(cos, sin), H), torch.float32)
+    assert (cache[:, :4] == 7).all() and (cache[:, 4 + L:] == 7).all()
+    with pytest.raises(ValueError, match="out must be"):
+        rms_norm_rope(x, w, 1e-6, cos, sin, H, out=cache[:, :L].double())
+
+
 def test_rms_norm_reference_matches_torch():
     x, w = rand(2, 5, 192), rand(192)
     expect = torch.nn.functional.rms_norm(x, (192,), w, eps=1e-6).unflatten(-1, (3, 64))

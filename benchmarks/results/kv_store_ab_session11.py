@@ -1,0 +1,88 @@
+"""One-off, same machine, alternating: a cache refresh writing each layer's new keys and values straight into the KV
+cache (the norm + RoPE kernel's `out=`, the values' GEMM `addmm(out=)`) against making them apart and copying them in
+(the code before; here `Attention.key_value` patched to do that): one refresh of chunk 5 replayed from its CUDA graph,
+then the whole 1.3B stream at 4 and 1 steps, latents only and end to end, graphs captured again after every switch.
+
+    python benchmarks/results/kv_store_ab_session11.py     # on the GPU machine
+"""
+
+import torch
+from row_warps_ab_session11 import latents_seconds
+from vae_ab_session8 import stream_seconds
+
+from streamgen.bench import random_pipeline
+from streamgen.cache import KVCache, context_layout
+from streamgen.engine import chunk_sizes
+from streamgen.model import Attention
+
+DIRECT = Attention.key_value
+
+
+def apart(self, x, rope=None, out=None):
+    k, v = DIRECT(self, x, rope)
+    if out is not None:
+        out[0].copy_(k)
+        out[1].copy_(v)
+    return k, v
+
+
+def use(direct: bool, model) -> str:
+    Attention.key_value = DIRECT if direct else apart
+    model.cuda_graphs.clear()
+    return "direct" if direct else "copied"
+
+
+def refresh_ms(model, device) -> dict[str, float]:
+    cfg = model.config
+    sizes = chunk_sizes(cfg.chunk_partition, sum(cfg.chunk_partition))
+    finals = {i: torch.randn(1, 16, n, 60, 104, device=device) for i, n in enumerate(sizes)}
+    text = model.encode_text(torch.randn(1, 512, cfg.text_dim, device=device, dtype=torch.bfloat16))
+    layouts = [context_layout(sizes, k, cfg.full_chunk_limit) for k in range(len(sizes))]
+    cache = KVCache.for_layouts(model, 1, 60, 104, layouts)
+    cache.refresh(layouts[4], finals.__getitem__, text)
+    results = {}
+    for _ in range(3):
+        for direct in (True, False):
+            name = use(direct, model)
+
+            def refresh():
+                cache.entries = list(layouts[4])
+                cache.refresh(layouts[5], finals.__getitem__, text)
+
+            refresh()
+            refresh()
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(10):
+                refresh()
+            end.record()
+            torch.cuda.synchronize()
+            results.setdefault(name, []).append(start.elapsed_time(end) / 10)
+    cache.release()
+    return results
+
+
+def main():
+    print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    device = torch.device("cuda")
+    pipe = random_pipeline("1.3B", device, torch.bfloat16)
+    model = pipe.transformer
+    with torch.no_grad():
+        for name, ms in refresh_ms(model, device).items():
+            print(f"refresh before chunk 5 from its graph, {name}: " + " / ".join(f"{m:.2f}" for m in ms) + " ms",
+                  flush=True)
+    prompt = torch.randn(1, 512, 4096, device=device, dtype=torch.bfloat16)
+    for steps in (4, 1):
+        for rep in range(2):
+            for direct in (True, False):
+                name = use(direct, model)
+                stream_seconds(pipe, prompt, steps)  # capture the graphs
+                latents = latents_seconds(pipe, prompt, steps)
+                e2e, peak = stream_seconds(pipe, prompt, steps)
+                print(f"{steps} steps rep {rep} {name}: latents {latents:.3f} s, end to end {e2e:.3f} s, "
+                      f"peak {peak:.2f} GiB", flush=True)
+
+
+if __name__ == "__main__":
+    main()
