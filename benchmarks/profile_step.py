@@ -13,6 +13,7 @@ import argparse
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -21,6 +22,33 @@ from streamgen.bench import random_pipeline, vae_decode_case
 from streamgen.cache import KVCache, context_layout
 from streamgen.engine import chunk_sizes
 from streamgen.model import Run
+
+
+@dataclass
+class ChunkCase:
+    """A video's chunks for timing one chunk's work: each chunk's final latents (random), a prompt's per-layer text
+    keys and values, every chunk's context layout, and a KV cache large enough for them."""
+
+    sizes: list[int]
+    finals: dict[int, torch.Tensor]
+    text: list
+    layouts: list
+    cache: KVCache
+
+    def denoise_run(self, chunk: int) -> Run:
+        """Chunk `chunk`'s latents as one denoising step's input (t = 500 -> r = 250)."""
+        t = torch.full((1,), 500.0, device=self.finals[chunk].device)
+        return Run(self.finals[chunk], t, t * 0.5, sum(self.sizes[:chunk]))
+
+
+def chunk_case(model, device: torch.device, height: int = 60, width: int = 104) -> ChunkCase:
+    """The chunks of an 81-frame video at `height` x `width` latents (480x832 by default) for `model`'s config."""
+    cfg = model.config
+    sizes = chunk_sizes(cfg.chunk_partition, sum(cfg.chunk_partition))
+    finals = {i: torch.randn(1, cfg.in_channels, n, height, width, device=device) for i, n in enumerate(sizes)}
+    text = model.encode_text(torch.randn(1, 512, cfg.text_dim, device=device, dtype=model.dtype))
+    layouts = [context_layout(sizes, k, cfg.full_chunk_limit) for k in range(len(sizes))]
+    return ChunkCase(sizes, finals, text, layouts, KVCache.for_layouts(model, 1, height, width, layouts))
 
 
 def timed(fn, name: str, rows: int) -> None:
@@ -168,19 +196,14 @@ def main() -> None:
     if args.memory:
         return profile_memory(args.size, args.steps, args.rows, args.decode_pass_frames)
     model = random_pipeline(args.size, device, torch.bfloat16).transformer
-    cfg = model.config
-    sizes = chunk_sizes(cfg.chunk_partition, sum(cfg.chunk_partition))
-    finals = {i: torch.randn(1, 16, n, 60, 104, device=device) for i, n in enumerate(sizes)}
-    text = model.encode_text(torch.randn(1, 512, cfg.text_dim, device=device, dtype=torch.bfloat16))
-    layouts = [context_layout(sizes, k, cfg.full_chunk_limit) for k in range(len(sizes))]
-    cache = KVCache.for_layouts(model, 1, 60, 104, layouts)
+    case = chunk_case(model, device)
+    cache, layouts, text = case.cache, case.layouts, case.text
 
     def refresh():
-        cache.refresh(layouts[args.chunk - 1], finals.__getitem__, text)
-        cache.refresh(layouts[args.chunk], finals.__getitem__, text)  # the incremental step being measured
+        cache.refresh(layouts[args.chunk - 1], case.finals.__getitem__, text)
+        cache.refresh(layouts[args.chunk], case.finals.__getitem__, text)  # the incremental step being measured
 
-    t = torch.full((1,), 500.0, device=device)
-    run = Run(finals[args.chunk], t, t * 0.5, sum(sizes[: args.chunk]))
+    run = case.denoise_run(args.chunk)
     if args.compile:
         refresh()
         forward = torch.compile(model._forward, mode="max-autotune")

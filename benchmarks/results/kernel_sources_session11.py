@@ -9,10 +9,8 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.profile_step import chunk_case
 from streamgen.bench import random_pipeline
-from streamgen.cache import KVCache, context_layout
-from streamgen.engine import chunk_sizes
-from streamgen.model import Run
 
 
 def site(evt) -> str:
@@ -53,12 +51,8 @@ def main(size: str = "1.3B", device: str = "cuda", chunk: int = 5, height: int =
     device = torch.device(device)
     model = random_pipeline(size, device, torch.bfloat16).transformer
     model.cuda_graphs.enabled = False
-    cfg = model.config
-    sizes = chunk_sizes(cfg.chunk_partition, sum(cfg.chunk_partition))
-    finals = {i: torch.randn(1, 16, n, height, width, device=device) for i, n in enumerate(sizes)}
-    text = model.encode_text(torch.randn(1, 512, cfg.text_dim, device=device, dtype=torch.bfloat16))
-    layouts = [context_layout(sizes, k, cfg.full_chunk_limit) for k in range(len(sizes))]
-    cache = KVCache.for_layouts(model, 1, height, width, layouts)
+    case = chunk_case(model, device, height, width)
+    cache, layouts, finals, text = case.cache, case.layouts, case.finals, case.text
     cache.refresh(layouts[chunk - 1], finals.__getitem__, text)
 
     def refresh():
@@ -67,8 +61,7 @@ def main(size: str = "1.3B", device: str = "cuda", chunk: int = 5, height: int =
 
     cache.refresh(layouts[chunk], finals.__getitem__, text)
     by_site(refresh, f"refresh before chunk {chunk}")
-    t = torch.full((1,), 500.0, device=device)
-    run = Run(finals[chunk], t, t * 0.5, sum(sizes[:chunk]))
+    run = case.denoise_run(chunk)
     step = lambda: model([run], text, past=cache.past())  # noqa: E731
     by_site(step, f"denoising step of chunk {chunk}, past {cache.length}")
     if torch.cuda.is_available():  # the same step replayed from its CUDA graph: wall time against its kernels' sum

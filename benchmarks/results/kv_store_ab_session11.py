@@ -10,9 +10,8 @@ import torch
 from row_warps_ab_session11 import latents_seconds
 from vae_ab_session8 import stream_seconds
 
+from benchmarks.profile_step import chunk_case
 from streamgen.bench import random_pipeline
-from streamgen.cache import KVCache, context_layout
-from streamgen.engine import chunk_sizes
 from streamgen.model import Attention
 
 DIRECT = Attention.key_value
@@ -33,12 +32,8 @@ def use(direct: bool, model) -> str:
 
 
 def refresh_ms(model, device) -> dict[str, float]:
-    cfg = model.config
-    sizes = chunk_sizes(cfg.chunk_partition, sum(cfg.chunk_partition))
-    finals = {i: torch.randn(1, 16, n, 60, 104, device=device) for i, n in enumerate(sizes)}
-    text = model.encode_text(torch.randn(1, 512, cfg.text_dim, device=device, dtype=torch.bfloat16))
-    layouts = [context_layout(sizes, k, cfg.full_chunk_limit) for k in range(len(sizes))]
-    cache = KVCache.for_layouts(model, 1, 60, 104, layouts)
+    case = chunk_case(model, device)
+    cache, layouts, finals, text = case.cache, case.layouts, case.finals, case.text
     cache.refresh(layouts[4], finals.__getitem__, text)
     results = {}
     for _ in range(3):
