@@ -694,8 +694,8 @@ class WanVAE(nn.Module):
         self.memory_format = torch.contiguous_format  # of activations (and conv weights); see to_channels_last
         # Most video frames a decoder pass holds at full resolution (None: a whole chunk); the low-resolution
         # blocks take the latent frames that make them. Memory grows with it, and speed a little (an H100 decoding
-        # 81 frames of 480x832 in 3-latent chunks peaks 6.0 GiB above the weights in 0.65 s; 4 frames per pass
-        # 3.4 GiB in 0.69 s, 1 frame 2.1 GiB in 0.68-0.81 s; 1.7 GiB of it is the kept frames, whatever the pass).
+        # 81 frames of 480x832 in 3-latent chunks peaks 6.0 GiB above the weights in 0.61 s; 4 frames per pass
+        # 3.4 GiB in 0.67 s, 1 frame 2.1 GiB in 0.68 s; 1.7 GiB of it is the kept frames, whatever the pass).
         self.decode_pass_frames: int | None = None
         self._stats: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
