@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     )
     from streamgen.attention import Mask
     from streamgen.attention import attention as engine_attention
-    from streamgen.vae import conv_by_frames
+    from streamgen.vae import _pixel_attention, conv_by_frames
 
     torch.manual_seed(0)
     dev = "cuda"
@@ -319,6 +319,19 @@ def main(argv=None) -> int:
         mem_row("vae phase_interleave", f"({n},4x{o},{h}+1,{w}+1)", 2 * up.numel() * dtype.itemsize,
                 lambda: phase_interleave(y, bias, up), lambda: phase_interleave_reference(y, bias, up_torch), ref)
         del y, up, up_torch, ref
+        # the mid block's attention over a 3-latent chunk's frames at 60x104, head dim 384: the engine's GEMMs around
+        # the softmax kernel against SDPA (its memory-efficient kernel: no flash or cuDNN kernel takes d = 384)
+        n, L, c = 3, 60 * 104, 384
+        q, k, v = (torch.randn(n, 1, L, c, device=dev, dtype=dtype) for _ in range(3))
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+        flops = 4 * n * L * L * c
+        with torch.no_grad():
+            e, be = errors(_pixel_attention(q, k, v), ref), errors(F.scaled_dot_product_attention(q, k, v), ref)
+            report({"name": "vae mid attention (d 384, vs SDPA)", "shape": f"({n},1,{L},{c})", "unit": "TFLOP/s",
+                    "flops": flops, **timings(lambda: _pixel_attention(q, k, v),
+                                              lambda: F.scaled_dot_product_attention(q, k, v), flops),
+                    **e, "base_max_abs_err": be["max_abs_err"], "base_rel_err": be["rel_err"]})
+        del q, k, v, ref
 
     print()
     print("ms: do_bench (includes launch overhead); graph: CUDA-graph replay (GPU time only); perf from each; "

@@ -1,5 +1,6 @@
-"""Wan VAE channel RMS norm, optionally fused with the SiLU that follows it, for (B, C, *positions) activations; and
-the interleave of a 2x upsampling conv's four phases (`phase_interleave`).
+"""Wan VAE channel RMS norm, optionally fused with the SiLU that follows it, for (B, C, *positions) activations; the
+interleave of a 2x upsampling conv's four phases (`phase_interleave`); and the row softmax of the mid block's
+attention scores (`scaled_softmax`).
 
 Wan's VAE normalises each position's channel vector, ``x / max(||x||_2, eps) * sqrt(C) * gamma (+ bias)``, and in
 its residual blocks and output heads feeds the result through SiLU into a causal conv. Eager torch spends about
@@ -26,7 +27,8 @@ import triton.language as tl
 
 from ._launch import check_tensors, pow2
 
-__all__ = ["channel_rms_norm", "channel_rms_norm_reference", "phase_interleave", "phase_interleave_reference"]
+__all__ = ["channel_rms_norm", "channel_rms_norm_reference", "phase_interleave", "phase_interleave_reference",
+           "scaled_softmax", "scaled_softmax_reference"]
 
 _MAX_GRID_YZ = 65535
 
@@ -237,3 +239,43 @@ def phase_interleave_reference(y: torch.Tensor, bias: torch.Tensor | None, out: 
         phase = y[:, (2 * a + b) * o : (2 * a + b + 1) * o, a : a + h, b : b + w]
         out[:, :, a::2, b::2] = phase if bias is None else phase + bias.reshape(o, 1, 1).to(y.dtype)
     return out
+
+
+@triton.jit
+def _scaled_softmax_kernel(s_ptr, p_ptr, N, scale, stride_s, stride_p, BLOCK: tl.constexpr):
+    """grid = (rows,): one whole row per program."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    s = tl.load(s_ptr + row * stride_s + offs, mask=offs < N, other=-float("inf")).to(tl.float32) * scale
+    e = tl.exp(s - tl.max(s, axis=0))
+    tl.store(p_ptr + row * stride_p + offs, (e / tl.sum(e, axis=0)).to(p_ptr.dtype.element_ty), mask=offs < N)
+
+
+SOFTMAX_MAX_ROW = 16384
+"""Longest row `scaled_softmax` takes: one program holds a whole row in registers."""
+
+
+def scaled_softmax(scores: torch.Tensor, scale: float, out: torch.Tensor) -> torch.Tensor:
+    """``out = softmax(scores * scale)`` over the last dim, in fp32, written in out's dtype: the probabilities of an
+    attention whose scores a GEMM made in fp32 (the VAE's mid block at head dim 384, which no flash or cuDNN kernel
+    takes), read once and written once in 16 bits where torch's softmax and cast take three passes. scores and out:
+    (rows, N) with unit last stride, N <= `SOFTMAX_MAX_ROW`. Returns ``out``."""
+    if scores.dim() != 2 or out.shape != scores.shape or scores.stride(1) != 1 or out.stride(1) != 1:
+        raise ValueError(f"scores and out must be (rows, N) of one shape with unit last stride, got "
+                         f"{tuple(scores.shape)} {scores.stride()} and {tuple(out.shape)} {out.stride()}")
+    if scores.shape[1] > SOFTMAX_MAX_ROW:
+        raise ValueError(f"rows longer than {SOFTMAX_MAX_ROW} do not fit one program, got {scores.shape[1]}")
+    check_tensors(scores, out)
+    if out.numel() == 0:
+        return out
+    block = pow2(scores.shape[1])
+    _scaled_softmax_kernel[(scores.shape[0],)](
+        scores, out, scores.shape[1], float(scale), scores.stride(0), out.stride(0),
+        BLOCK=block, num_warps=min(max(block // 1024, 1), 8),
+    )
+    return out
+
+
+def scaled_softmax_reference(scores: torch.Tensor, scale: float, out: torch.Tensor) -> torch.Tensor:
+    """Plain torch :func:`scaled_softmax`."""
+    return out.copy_(torch.softmax(scores.float() * scale, dim=-1))

@@ -473,9 +473,36 @@ class AttentionBlock(nn.Module):
         qkv = _pointwise(y, self.to_qkv.weight, self.to_qkv.bias)
         qkv = (self.to_qkv(y) if qkv is None else qkv).flatten(2).transpose(1, 2).unsqueeze(1)  # (b*t, 1, h*w, 3c)
         q, k, v = qkv.chunk(3, dim=-1)
-        y = F.scaled_dot_product_attention(q, k, v)  # (b*t, 1, h*w, c): channels-last frames' rows
+        y = _pixel_attention(q, k, v)  # (b*t, 1, h*w, c): channels-last frames' rows
         y = _pointwise(y.reshape(b * t, h, w, c).permute(0, 3, 1, 2), self.proj.weight, self.proj.bias)
         return x + y.view(b, t, c, h, w).transpose(1, 2)
+
+
+_MM_FP32_OUT = "dtype" in torch.ops.aten.mm.overloads()  # torch.mm(..., out_dtype=torch.float32) for 16-bit inputs
+
+
+def _pixel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(c)) v over each frame's pixels, (F, 1, N, c) tensors (one head).
+
+    The mid block's head dim is 384, which no flash or cuDNN kernel takes: SDPA runs its memory-efficient kernel
+    (H100: 1.63 ms for a 3-frame chunk at 480x832, 110 TFLOP/s). Where the fused kernels run, each frame's scores
+    are instead one cuBLAS GEMM with fp32 output, the softmax one Triton pass writing 16-bit probabilities (rounded
+    as flash attention rounds them), and the output a second GEMM: 0.63 ms, same error against float64
+    (benchmarks/results/vae_attention_session12.txt). It holds a frame's (N, N) scores and probabilities
+    (234 MB at 480x832), so frames over `SOFTMAX_MAX_ROW` pixels stay on SDPA."""
+    from kernels.vae_ops import SOFTMAX_MAX_ROW, scaled_softmax
+
+    n = q.shape[2]
+    if not (_fused(q) and n <= SOFTMAX_MAX_ROW and (q.dtype == torch.float32 or _MM_FP32_OUT)):
+        return F.scaled_dot_product_attention(q, k, v)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    scores = torch.empty((n, n), dtype=torch.float32, device=q.device)
+    probs = torch.empty((n, n), dtype=q.dtype, device=q.device)
+    fp32 = {} if q.dtype == torch.float32 else {"out_dtype": torch.float32}
+    for i in range(q.shape[0]):
+        torch.mm(q[i, 0], k[i, 0].t(), out=scores, **fp32)
+        torch.mm(scaled_softmax(scores, q.shape[-1] ** -0.5, out=probs), v[i, 0], out=out[i, 0])
+    return out
 
 
 def upsample2x_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:

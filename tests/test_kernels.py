@@ -47,6 +47,8 @@ from kernels.vae_ops import (
     channel_rms_norm_reference,
     phase_interleave,
     phase_interleave_reference,
+    scaled_softmax,
+    scaled_softmax_reference,
 )
 
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -545,6 +547,54 @@ def test_phase_interleave_rejects_bad_arguments():
         phase_interleave(y, rand(3), rand(1, 2, 4, 6))
     with pytest.raises(ValueError, match="must be 4D"):
         phase_interleave(y[None], None, rand(1, 2, 4, 6))
+
+
+# --------------------------------------------------------------------------------------- scaled_softmax (VAE)
+
+
+@pytest.mark.parametrize("dtype", ALL)
+@pytest.mark.parametrize("rows,n", [(1, 1), (3, 7), (5, 130), (2, 6240)])
+def test_scaled_softmax(rows, n, dtype):
+    """Rows of fp32 scores times the scale, softmaxed: within one ulp of fp64 in the output dtype (1e-5 in fp32),
+    also from a strided view of a larger score matrix."""
+    big = rand(rows, n + 3, scale=8.0)
+    scores = big[:, 1:n + 1]
+    out = torch.full((rows, n), float("nan"), dtype=dtype, device=DEVICE)
+    assert scaled_softmax(scores, 0.3, out) is out
+    ref = scaled_softmax_reference(scores.double(), 0.3, torch.empty(rows, n, dtype=torch.float64, device=DEVICE))
+    check_ulp(out, ref, dtype)
+
+
+def test_scaled_softmax_rejects_bad_arguments():
+    from kernels.vae_ops import SOFTMAX_MAX_ROW
+
+    with pytest.raises(ValueError, match="one shape"):
+        scaled_softmax(rand(2, 5), 1.0, rand(2, 4))
+    with pytest.raises(ValueError, match="unit last stride"):
+        scaled_softmax(rand(5, 2).t(), 1.0, rand(2, 5))
+    with pytest.raises(ValueError, match="do not fit"):
+        scaled_softmax(rand(1, SOFTMAX_MAX_ROW + 1), 1.0, rand(1, SOFTMAX_MAX_ROW + 1))
+
+
+def test_vae_pixel_attention_fused_path(monkeypatch):
+    """The VAE mid block's attention where the fused kernels run (GEMM scores in fp32, the softmax kernel, a second
+    GEMM; views of one qkv tensor as the block makes them) against float64 SDPA; frames over the softmax's row limit
+    stay on SDPA."""
+    import kernels.vae_ops as vae_ops
+    import streamgen.vae as vae_module
+
+    monkeypatch.setattr(vae_module, "_fused", lambda x: True)
+    qkv = rand(3, 1, 40, 3 * 24)
+    q, k, v = qkv.chunk(3, dim=-1)
+    ref = torch.nn.functional.scaled_dot_product_attention(*f64(q, k, v))
+    calls = []
+    real = vae_ops.scaled_softmax
+    monkeypatch.setattr(vae_ops, "scaled_softmax", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    torch.testing.assert_close(vae_module._pixel_attention(q, k, v).double(), ref, rtol=0, atol=1e-5)
+    assert len(calls) == 3  # one softmax per frame
+    monkeypatch.setattr(vae_ops, "SOFTMAX_MAX_ROW", 39)
+    torch.testing.assert_close(vae_module._pixel_attention(q, k, v).double(), ref, rtol=0, atol=1e-5)
+    assert len(calls) == 3
 
 
 def padded_frames(b: int, f: int, h: int, w: int, c: int) -> torch.Tensor:
