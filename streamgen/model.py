@@ -282,7 +282,7 @@ class Block(nn.Module):
         stop once the keys and values are made (and stored), returning x unchanged: the last layer of a forward that
         wants no velocity (a cache refresh) needs nothing after them."""
         table = self.scale_shift_table.float()
-        segments = [Segment(s.start, s.end, s.emb, table + s.mod.float()) for s in segments]
+        segments = [Segment(s.start, s.end, s.emb, table + s.mod) for s in segments]  # fp32 + mod: one fp32 add
         h = modulated_norm(x, segments, shift=0, scale=1, eps=self.eps)
         if past is not None and past.store:  # the new tokens' keys and values go straight into the cache
             n, end = past.length, past.length + h.shape[1]
