@@ -399,7 +399,7 @@ def chunk_attention(
 
 def extend_attention(q: torch.Tensor, keys: Sequence[tuple[torch.Tensor, torch.Tensor]],
                      partials: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
-                     scale: float | None = None) -> torch.Tensor:
+                     scale: float | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of q (B, Lq, H, d) over the union of some key sets, given `partials`: up to two results over some
     of them, each a (prev (B, Lq, H, d), lse (B, H, Lq)) pair, its output and the natural-log sum of exp(scaled
     scores) (what cuDNN and FlashAttention-style kernels return), or a stack of two such results over different
@@ -407,9 +407,10 @@ def extend_attention(q: torch.Tensor, keys: Sequence[tuple[torch.Tensor, torch.T
     further (k, v) segments (B, Lk, H, d), folded in here one tile at a time. For a few trailing keys: cuDNN
     attention is 8-9% faster over a key count that is a multiple of 128 (H100), so the engine gives it those
     prefixes (of the cached context and of the chunk's own tokens, kept apart) and folds the rest in here. Returns
-    (B, Lq, H, d) in q.dtype; any strides. One pipeline stage: the engine's segments are one or two tiles, so more
-    stages only took shared memory (H100, 1.3B shapes: 80 -> 55 us for a denoising chunk, 113 -> 72 us for a
-    refresh, same output; benchmarks/results/extend_configs_session7.txt)."""
+    (B, Lq, H, d) in q.dtype, written into `out` if given (a slice of a larger output). Any strides. One pipeline
+    stage: the engine's segments are one or two tiles, so more stages only took shared memory (H100, 1.3B shapes: 80
+    -> 55 us for a denoising chunk, 113 -> 72 us for a refresh, same output;
+    benchmarks/results/extend_configs_session7.txt)."""
     B, Lq, H, d = q.shape
     if not 1 <= len(keys) <= 2 or len(partials) > 2:
         raise ValueError(f"one or two key segments and at most two partial results, got {len(keys)}, "
@@ -429,8 +430,10 @@ def extend_attention(q: torch.Tensor, keys: Sequence[tuple[torch.Tensor, torch.T
         stacks.append((prev, lse))
     if d > 128:
         raise ValueError(f"head dim up to 128 is supported, got {d}")
-    check_tensors(q, *(t for pair in (*keys, *stacks) for t in pair))
-    out = torch.empty((B, Lq, H, d), dtype=q.dtype, device=q.device)
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype):
+        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype}, got {tuple(out.shape)} {out.dtype}")
+    check_tensors(q, out, *(t for pair in (*keys, *stacks) for t in pair))
+    out = torch.empty((B, Lq, H, d), dtype=q.dtype, device=q.device) if out is None else out
     if out.numel() == 0:
         return out
     (k1, v1), (k2, v2) = keys[0], keys[-1]

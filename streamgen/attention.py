@@ -108,8 +108,9 @@ def _cudnn_with_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     return out.transpose(1, 2), lse.squeeze(-1) if lse.dim() == 4 else lse
 
 
-def _cudnn(q: Tensor, *sources: tuple[Tensor, Tensor]) -> Tensor:
-    """Attention over the keys of one or two (k, v) sources (a cached context and a chunk's own tokens, held apart).
+def _cudnn(q: Tensor, *sources: tuple[Tensor, Tensor], out: Tensor | None = None) -> Tensor:
+    """Attention over the keys of one or two (k, v) sources (a cached context and a chunk's own tokens, held apart),
+    written into `out` if given.
 
     cuDNN runs 8-9% faster over a key count that is a multiple of 128 (H100, 4680 queries: 0.90 ms over 17,536
     keys, 0.98 over 17,550), and the engine's contexts (390- and 1560-token frames) rarely are: cuDNN takes each
@@ -120,7 +121,7 @@ def _cudnn(q: Tensor, *sources: tuple[Tensor, Tensor]) -> Tensor:
     benchmarks/results/cudnn_batched_split_session7.txt)."""
     lengths = [k.shape[1] for k, _ in sources]
     if max(lengths) < 128 or (len(sources) == 1 and lengths[0] % 128 == 0):  # nothing to fold in: plain SDPA
-        return _sdpa(q, *_joined(sources))
+        return _into(out, _sdpa(q, *_joined(sources)))
     from kernels import extend_attention, key_splits
 
     b, lq, h = q.shape[:3]
@@ -131,9 +132,9 @@ def _cudnn(q: Tensor, *sources: tuple[Tensor, Tensor]) -> Tensor:
             if b == 1 and key_splits(h * -(-lq // 128), n, q.device) == 2:
                 half = n // 256 * 128  # each half a multiple of 128; an odd 128 joins the tail
                 n = 2 * half
-                out, lse = _cudnn_with_lse(q.expand(2, -1, -1, -1), k[0, :n].unflatten(0, (2, half)),
-                                           v[0, :n].unflatten(0, (2, half)))
-                partials.append((out.unsqueeze(1), lse.unsqueeze(1)))
+                halves, lse = _cudnn_with_lse(q.expand(2, -1, -1, -1), k[0, :n].unflatten(0, (2, half)),
+                                              v[0, :n].unflatten(0, (2, half)))
+                partials.append((halves.unsqueeze(1), lse.unsqueeze(1)))
             elif n:
                 partials.append(_cudnn_with_lse(q, k[:, :n], v[:, :n]))
             tails.append((k[:, n:], v[:, n:]))
@@ -141,8 +142,12 @@ def _cudnn(q: Tensor, *sources: tuple[Tensor, Tensor]) -> Tensor:
         if "cudnn refused" not in _announced:
             _announced.add("cudnn refused")
             log.warning("cuDNN attention refused q %s k %s (%s); using SDPA", tuple(q.shape), tuple(k.shape), e)
-        return _sdpa(q, *_joined(sources))
-    return extend_attention(q, tails, partials)
+        return _into(out, _sdpa(q, *_joined(sources)))
+    return extend_attention(q, tails, partials, out=out)
+
+
+def _into(out: Tensor | None, result: Tensor) -> Tensor:
+    return result if out is None else out.copy_(result)
 
 
 def _joined(sources: tuple[tuple[Tensor, Tensor], ...]) -> tuple[Tensor, Tensor]:
@@ -188,4 +193,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Mask | None = None,
         limits = torch.cat([torch.full((b - a,), end, dtype=torch.int32, device=q.device)
                             for a, b, end in mask.prefix_blocks])
         return _triton(q, k, v, limits)
+    if backend == "cudnn":  # each block's result written into its rows (a cache refresh's blocks: no concatenation)
+        out = torch.empty_like(q)
+        for a, b, end in mask.prefix_blocks:
+            _cudnn(q[:, a:b], (k[:, :end], v[:, :end]), out=out[:, a:b])
+        return out
     return torch.cat([kernel(q[:, a:b], k[:, :end], v[:, :end]) for a, b, end in mask.prefix_blocks], dim=1)

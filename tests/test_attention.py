@@ -104,6 +104,12 @@ def test_cudnn_path_gives_cudnn_an_aligned_key_prefix_and_folds_in_the_rest(cudn
     assert prefixes == [256, 256]  # blocks over 280 and 330 keys
     dense = visible.repeat_interleave(torch.tensor([20, 30]), 0).repeat_interleave(torch.tensor([130, 150, 50]), 1)
     torch.testing.assert_close(out, attn._sdpa(q, k, v, dense), rtol=1e-5, atol=1e-5)
+    # each block written into its rows: one over 256 keys (aligned: plain SDPA, copied in), one merged in place
+    prefixes.clear()
+    out = attention(q, k[:, :306], v[:, :306], Mask.from_runs(visible, [20, 30], [128, 128, 50]))
+    assert prefixes == [256]
+    dense = visible.repeat_interleave(torch.tensor([20, 30]), 0).repeat_interleave(torch.tensor([128, 128, 50]), 1)
+    torch.testing.assert_close(out, attn._sdpa(q, k[:, :306], v[:, :306], dense), rtol=1e-5, atol=1e-5)
     # a cached context and a chunk's own tokens, held apart: cuDNN over each one's aligned prefix, one merge
     for lc, lk, prefix in ((300, 140, [256, 128]), (256, 200, [256, 128]), (300, 60, [256]), (90, 40, [])):
         q, k, v = torch.randn(1, 40, 2, 16), torch.randn(1, lk, 2, 16), torch.randn(1, lk, 2, 16)

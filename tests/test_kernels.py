@@ -351,6 +351,9 @@ def test_extend_attention_equals_attention_over_all_keys(shape, tail, dtype):
     prev, lse = prefix_result(q, k[:, :Lk], v[:, :Lk])
     out = extend_attention(q, [(k[:, Lk:], v[:, Lk:])], [(prev.to(dtype), lse.float())])
     check_attention(out, q, k, v)
+    rows = torch.full((B, Lq + 3, H, d), float("nan"), dtype=dtype, device=DEVICE)  # into a slice of a larger output
+    assert extend_attention(q, [(k[:, Lk:], v[:, Lk:])], [(prev.to(dtype), lse.float())], out=rows[:, 2:-1]) is not None
+    assert torch.equal(rows[:, 2:-1], out) and rows[:, :2].isnan().all() and rows[:, -1].isnan().all()
 
 
 @pytest.mark.parametrize("dtype", ATTN_DTYPES)
@@ -385,6 +388,8 @@ def test_extend_attention_rejects_mismatched_shapes():
         extend_attention(q, [(k, k)], [(prev.float().expand(3, *q.shape), lse.float().expand(3, *lse.shape))])
     with pytest.raises(ValueError, match="stacked like its result"):
         extend_attention(q, [(k, k)], [(prev.float().expand(2, *q.shape), lse.float())])
+    with pytest.raises(ValueError, match="out must be"):
+        extend_attention(q, [(k, k)], out=rand(1, 7, 2, 32))
 
 
 @pytest.mark.parametrize("dtype", ATTN_DTYPES)
