@@ -3,7 +3,9 @@ the generator's small-op changes (the cross-attention's output GEMM accumulating
 next two kernels; the cache refresh's attention blocks written into one output instead of concatenated; the
 per-layer modulation add without a separate upcast). Prints a cache refresh of chunk 5 and a denoising step of
 chunk 5 replayed from their CUDA graphs, and the 1.3B stream latents only and end to end at 4 and 1 steps; saves
-the 4-step final latents for comparing the versions.
+the 4-step final latents for comparing the versions. `generator_small_ops_ab_session12.txt` is the new code with all
+three changes; the first was then reverted, and `generator_attention_out_ab_session12.txt` (--graphs-only) is the
+code with the other two, as committed.
 
     python benchmarks/results/generator_small_ops_ab_session12.py LABEL     # on the GPU machine, from a checkout
     python benchmarks/results/generator_small_ops_ab_session12.py LABEL --graphs-only    # no streams
