@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     )
     from streamgen.attention import Mask
     from streamgen.attention import attention as engine_attention
-    from streamgen.vae import _pixel_attention, conv_by_frames
+    from streamgen.vae import conv_by_frames, pixel_attention
 
     torch.manual_seed(0)
     dev = "cuda"
@@ -326,9 +326,9 @@ def main(argv=None) -> int:
         ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
         flops = 4 * n * L * L * c
         with torch.no_grad():
-            e, be = errors(_pixel_attention(q, k, v), ref), errors(F.scaled_dot_product_attention(q, k, v), ref)
+            e, be = errors(pixel_attention(q, k, v), ref), errors(F.scaled_dot_product_attention(q, k, v), ref)
             report({"name": "vae mid attention (d 384, vs SDPA)", "shape": f"({n},1,{L},{c})", "unit": "TFLOP/s",
-                    "flops": flops, **timings(lambda: _pixel_attention(q, k, v),
+                    "flops": flops, **timings(lambda: pixel_attention(q, k, v),
                                               lambda: F.scaled_dot_product_attention(q, k, v), flops),
                     **e, "base_max_abs_err": be["max_abs_err"], "base_rel_err": be["rel_err"]})
         del q, k, v, ref

@@ -147,6 +147,7 @@ def _cudnn(q: Tensor, *sources: tuple[Tensor, Tensor], out: Tensor | None = None
 
 
 def _into(out: Tensor | None, result: Tensor) -> Tensor:
+    """result, or result copied into out when the caller gave one."""
     return result if out is None else out.copy_(result)
 
 

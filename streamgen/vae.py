@@ -473,7 +473,7 @@ class AttentionBlock(nn.Module):
         qkv = _pointwise(y, self.to_qkv.weight, self.to_qkv.bias)
         qkv = (self.to_qkv(y) if qkv is None else qkv).flatten(2).transpose(1, 2).unsqueeze(1)  # (b*t, 1, h*w, 3c)
         q, k, v = qkv.chunk(3, dim=-1)
-        y = _pixel_attention(q, k, v)  # (b*t, 1, h*w, c): channels-last frames' rows
+        y = pixel_attention(q, k, v)  # (b*t, 1, h*w, c): channels-last frames' rows
         y = _pointwise(y.reshape(b * t, h, w, c).permute(0, 3, 1, 2), self.proj.weight, self.proj.bias)
         return x + y.view(b, t, c, h, w).transpose(1, 2)
 
@@ -481,7 +481,7 @@ class AttentionBlock(nn.Module):
 _MM_FP32_OUT = "dtype" in torch.ops.aten.mm.overloads()  # torch.mm(..., out_dtype=torch.float32) for 16-bit inputs
 
 
-def _pixel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def pixel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(c)) v over each frame's pixels, (F, 1, N, c) tensors (one head).
 
     The mid block's head dim is 384, which no flash or cuDNN kernel takes: SDPA runs its memory-efficient kernel
@@ -493,7 +493,8 @@ def _pixel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     from kernels.vae_ops import SOFTMAX_MAX_ROW, scaled_softmax
 
     n = q.shape[2]
-    if not (_fused(q) and n <= SOFTMAX_MAX_ROW and (q.dtype == torch.float32 or _MM_FP32_OUT)):
+    wide = q.dtype == torch.float32 or (q.dtype in (torch.float16, torch.bfloat16) and _MM_FP32_OUT)
+    if not (_fused(q) and wide and n <= SOFTMAX_MAX_ROW):
         return F.scaled_dot_product_attention(q, k, v)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     scores = torch.empty((n, n), dtype=torch.float32, device=q.device)

@@ -584,7 +584,7 @@ def test_scaled_softmax_rejects_bad_arguments():
 def test_vae_pixel_attention_fused_path(monkeypatch):
     """The VAE mid block's attention where the fused kernels run (GEMM scores in fp32, the softmax kernel, a second
     GEMM; views of one qkv tensor as the block makes them) against float64 SDPA; frames over the softmax's row limit
-    stay on SDPA."""
+    and float64 tensors stay on SDPA."""
     import kernels.vae_ops as vae_ops
     import streamgen.vae as vae_module
 
@@ -595,10 +595,13 @@ def test_vae_pixel_attention_fused_path(monkeypatch):
     calls = []
     real = vae_ops.scaled_softmax
     monkeypatch.setattr(vae_ops, "scaled_softmax", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    torch.testing.assert_close(vae_module._pixel_attention(q, k, v).double(), ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(vae_module.pixel_attention(q, k, v).double(), ref, rtol=0, atol=1e-5)
     assert len(calls) == 3  # one softmax per frame
     monkeypatch.setattr(vae_ops, "SOFTMAX_MAX_ROW", 39)
-    torch.testing.assert_close(vae_module._pixel_attention(q, k, v).double(), ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(vae_module.pixel_attention(q, k, v).double(), ref, rtol=0, atol=1e-5)
+    assert len(calls) == 3
+    monkeypatch.setattr(vae_ops, "SOFTMAX_MAX_ROW", 40)  # float64 (no fp32 scores buffer for it) stays on SDPA too
+    torch.testing.assert_close(vae_module.pixel_attention(*f64(q, k, v)), ref, rtol=0, atol=1e-12)
     assert len(calls) == 3
 
 

@@ -2,7 +2,7 @@
 
 - graphs: a static input buffer that still holds its unchanged source (the prompt's per-layer text keys and values)
   is not copied again before a replay (`GraphRunner._fill`), against copying every input before every replay;
-- VAE: the mid block's attention (head dim 384) as two GEMMs around the softmax kernel (`vae._pixel_attention`),
+- VAE: the mid block's attention (head dim 384) as two GEMMs around the softmax kernel (`vae.pixel_attention`),
   against SDPA (its memory-efficient kernel).
 
 Neither change is inside a CUDA graph, so no recapture between switches. Prints: the 81-frame decode (wall and GPU
@@ -21,7 +21,7 @@ import streamgen.vae as vae_module
 from streamgen.bench import random_pipeline, vae_decode_case
 from streamgen.graphs import GraphRunner
 
-NEW_FILL, NEW_ATTENTION = GraphRunner._fill, vae_module._pixel_attention
+NEW_FILL, NEW_ATTENTION = GraphRunner._fill, vae_module.pixel_attention
 
 
 def copy_all(self, static, inputs):
@@ -30,7 +30,7 @@ def copy_all(self, static, inputs):
 
 def use(new: bool) -> str:
     GraphRunner._fill = NEW_FILL if new else copy_all
-    vae_module._pixel_attention = NEW_ATTENTION if new else (lambda q, k, v: F.scaled_dot_product_attention(q, k, v))
+    vae_module.pixel_attention = NEW_ATTENTION if new else (lambda q, k, v: F.scaled_dot_product_attention(q, k, v))
     return "new" if new else "before"
 
 
