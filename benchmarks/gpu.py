@@ -4,7 +4,8 @@
 
 Sections (each can be skipped): kernels (benchmarks/kernels.py), correctness of the fast path against the plain torch
 path on final latents, latency of the 1.3B stream per step budget, A/B of the fast path's parts, 14B latency, VAE decode
-(run first, in a fresh process, so its peaks are its own).
+(run first, in a fresh process, so its peaks are its own). Before and after them the machine's bf16 GEMM rate and copy
+bandwidth are measured, so that runs on different machines of one kind can be read against each other.
 The short table comes last.
 """
 
@@ -125,6 +126,20 @@ def upsampling_ab(vae) -> dict[str, float]:
     return out
 
 
+def machine_probe(device: torch.device) -> dict:
+    """This machine's bf16 GEMM rate and device copy bandwidth (medians of do_bench): H100s of the same kind differ by
+    a few percent, as much as a small change to the engine, so a run's tables are read against its machine."""
+    import triton
+
+    n = 8192
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    gemm_ms = triton.testing.do_bench(lambda: torch.mm(a, b), rep=300, return_mode="median")
+    x = torch.empty(2**29, device=device, dtype=torch.bfloat16)  # 1 GiB
+    y = torch.empty_like(x)
+    copy_ms = triton.testing.do_bench(lambda: y.copy_(x), rep=300, return_mode="median")
+    return {"gemm_bf16_8192_tflops": 2 * n**3 / gemm_ms / 1e9, "copy_tbps": 2 * x.nbytes / copy_ms / 1e9}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--skip", nargs="*", default=[],
@@ -140,6 +155,8 @@ def main() -> None:
 
     report["triton"] = triton.__version__
     print(json.dumps(report), flush=True)
+    report["machine_at_start"] = machine_probe(device)
+    print("machine at start:", report["machine_at_start"], flush=True)
     summary: list[str] = []
 
     if "kernels" not in args.skip:
@@ -232,6 +249,10 @@ def main() -> None:
         del pipe
         torch.cuda.empty_cache()
 
+    report["machine_at_end"] = machine_probe(device)
+    summary.insert(0, "machine (bf16 GEMM 8192^3 TFLOP/s, device copy TB/s), at start / at end: " + " / ".join(
+        f"{m['gemm_bf16_8192_tflops']:.0f}, {m['copy_tbps']:.2f}" for m in (report["machine_at_start"],
+                                                                          report["machine_at_end"])))
     (out / "gpu.json").write_text(json.dumps(report, indent=2, default=str))
     print("\n" + "\n\n".join(summary))
 
