@@ -479,6 +479,7 @@ class AttentionBlock(nn.Module):
 
 
 _MM_FP32_OUT = "dtype" in torch.ops.aten.mm.overloads()  # torch.mm(..., out_dtype=torch.float32) for 16-bit inputs
+ATTENTION_SCORES_BYTES = 256 * 2**20  # the most pixel_attention holds for scores and probabilities at once
 
 
 def pixel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -488,21 +489,26 @@ def pixel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     (H100: 1.63 ms for a 3-frame chunk at 480x832, 110 TFLOP/s). Where the fused kernels run, each frame's scores
     are instead one cuBLAS GEMM with fp32 output, the softmax one Triton pass writing 16-bit probabilities (rounded
     as flash attention rounds them), and the output a second GEMM: 0.63 ms, same error against float64
-    (benchmarks/results/vae_attention_session12.txt). It holds a frame's (N, N) scores and probabilities
-    (234 MB at 480x832), so frames over `SOFTMAX_MAX_ROW` pixels stay on SDPA."""
+    (benchmarks/results/vae_attention_session12.txt). The scores and probabilities of as many query rows as fit
+    `ATTENTION_SCORES_BYTES` are held at once (a whole 480x832 frame, 234 MB; larger frames go in blocks of rows);
+    frames over `SOFTMAX_MAX_ROW` pixels stay on SDPA."""
     from kernels.vae_ops import SOFTMAX_MAX_ROW, scaled_softmax
 
     n = q.shape[2]
     wide = q.dtype == torch.float32 or (q.dtype in (torch.float16, torch.bfloat16) and _MM_FP32_OUT)
     if not (_fused(q) and wide and n <= SOFTMAX_MAX_ROW):
         return F.scaled_dot_product_attention(q, k, v)
+    rows = max(1, min(n, ATTENTION_SCORES_BYTES // ((4 + q.element_size()) * n)))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    scores = torch.empty((n, n), dtype=torch.float32, device=q.device)
-    probs = torch.empty((n, n), dtype=q.dtype, device=q.device)
+    scores = torch.empty((rows, n), dtype=torch.float32, device=q.device)
+    probs = torch.empty((rows, n), dtype=q.dtype, device=q.device)
     fp32 = {} if q.dtype == torch.float32 else {"out_dtype": torch.float32}
     for i in range(q.shape[0]):
-        torch.mm(q[i, 0], k[i, 0].t(), out=scores, **fp32)
-        torch.mm(scaled_softmax(scores, q.shape[-1] ** -0.5, out=probs), v[i, 0], out=out[i, 0])
+        for r in range(0, n, rows):
+            m = min(rows, n - r)
+            torch.mm(q[i, 0, r:r + m], k[i, 0].t(), out=scores[:m], **fp32)
+            p = scaled_softmax(scores[:m], q.shape[-1] ** -0.5, out=probs[:m])
+            torch.mm(p, v[i, 0], out=out[i, 0, r:r + m])
     return out
 
 

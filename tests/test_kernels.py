@@ -583,8 +583,8 @@ def test_scaled_softmax_rejects_bad_arguments():
 
 def test_vae_pixel_attention_fused_path(monkeypatch):
     """The VAE mid block's attention where the fused kernels run (GEMM scores in fp32, the softmax kernel, a second
-    GEMM; views of one qkv tensor as the block makes them) against float64 SDPA; frames over the softmax's row limit
-    and float64 tensors stay on SDPA."""
+    GEMM; views of one qkv tensor as the block makes them) against float64 SDPA, a frame at once or in blocks of query
+    rows under a memory bound; frames over the softmax's row limit and float64 tensors stay on SDPA."""
     import kernels.vae_ops as vae_ops
     import streamgen.vae as vae_module
 
@@ -597,12 +597,15 @@ def test_vae_pixel_attention_fused_path(monkeypatch):
     monkeypatch.setattr(vae_ops, "scaled_softmax", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     torch.testing.assert_close(vae_module.pixel_attention(q, k, v).double(), ref, rtol=0, atol=1e-5)
     assert len(calls) == 3  # one softmax per frame
+    monkeypatch.setattr(vae_module, "ATTENTION_SCORES_BYTES", 17 * 8 * 40)  # blocks of 17 query rows: 17, 17, 6
+    torch.testing.assert_close(vae_module.pixel_attention(q, k, v).double(), ref, rtol=0, atol=1e-5)
+    assert len(calls) == 3 + 3 * 3
+    calls.clear()
     monkeypatch.setattr(vae_ops, "SOFTMAX_MAX_ROW", 39)
     torch.testing.assert_close(vae_module.pixel_attention(q, k, v).double(), ref, rtol=0, atol=1e-5)
-    assert len(calls) == 3
     monkeypatch.setattr(vae_ops, "SOFTMAX_MAX_ROW", 40)  # float64 (no fp32 scores buffer for it) stays on SDPA too
     torch.testing.assert_close(vae_module.pixel_attention(*f64(q, k, v)), ref, rtol=0, atol=1e-12)
-    assert len(calls) == 3
+    assert calls == []
 
 
 def padded_frames(b: int, f: int, h: int, w: int, c: int) -> torch.Tensor:
