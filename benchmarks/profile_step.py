@@ -35,6 +35,13 @@ class ChunkCase:
     layouts: list
     cache: KVCache
 
+    def refresh(self, chunk: int) -> None:
+        """The cache's incremental refresh before `chunk` (the chunk that turned compressed and the full window after
+        it, re-encoded), repeatable: the cache is set back to the context of chunk - 1 first, whose unchanged prefix
+        its buffers hold once it has been refreshed to that context."""
+        self.cache.entries = list(self.layouts[chunk - 1])
+        self.cache.refresh(self.layouts[chunk], self.finals.__getitem__, self.text)
+
     def denoise_run(self, chunk: int) -> Run:
         """Chunk `chunk`'s latents as one denoising step's input (t = 500 -> r = 250)."""
         t = torch.full((1,), 500.0, device=self.finals[chunk].device)

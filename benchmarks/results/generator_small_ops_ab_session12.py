@@ -59,7 +59,7 @@ def run(label: str, streams: bool = True) -> None:
     cache, layouts, finals, text = case.cache, case.layouts, case.finals, case.text
     cache.refresh(layouts[4], finals.__getitem__, text)
 
-    def refresh():
+    def refresh():  # ChunkCase.refresh(5), written out: the script also runs the older checkouts, which lack it
         cache.entries = list(layouts[4])
         cache.refresh(layouts[5], finals.__getitem__, text)
 

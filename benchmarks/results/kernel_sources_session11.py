@@ -5,6 +5,7 @@ and per the line of streamgen/ or kernels/ that launched it. CUDA graphs off, so
 """
 
 from collections import defaultdict
+from functools import partial
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -54,11 +55,7 @@ def main(size: str = "1.3B", device: str = "cuda", chunk: int = 5, height: int =
     case = chunk_case(model, device, height, width)
     cache, layouts, finals, text = case.cache, case.layouts, case.finals, case.text
     cache.refresh(layouts[chunk - 1], finals.__getitem__, text)
-
-    def refresh():
-        cache.entries = list(layouts[chunk - 1])  # back to the state before: the same incremental refresh again
-        cache.refresh(layouts[chunk], finals.__getitem__, text)
-
+    refresh = partial(case.refresh, chunk)  # the same incremental refresh, again and again
     cache.refresh(layouts[chunk], finals.__getitem__, text)
     by_site(refresh, f"refresh before chunk {chunk}")
     run = case.denoise_run(chunk)

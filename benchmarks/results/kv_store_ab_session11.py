@@ -33,28 +33,22 @@ def use(direct: bool, model) -> str:
 
 def refresh_ms(model, device) -> dict[str, float]:
     case = chunk_case(model, device)
-    cache, layouts, finals, text = case.cache, case.layouts, case.finals, case.text
-    cache.refresh(layouts[4], finals.__getitem__, text)
+    case.cache.refresh(case.layouts[4], case.finals.__getitem__, case.text)
     results = {}
     for _ in range(3):
         for direct in (True, False):
             name = use(direct, model)
-
-            def refresh():
-                cache.entries = list(layouts[4])
-                cache.refresh(layouts[5], finals.__getitem__, text)
-
-            refresh()
-            refresh()
+            case.refresh(5)
+            case.refresh(5)
             torch.cuda.synchronize()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             for _ in range(10):
-                refresh()
+                case.refresh(5)
             end.record()
             torch.cuda.synchronize()
             results.setdefault(name, []).append(start.elapsed_time(end) / 10)
-    cache.release()
+    case.cache.release()
     return results
 
 

@@ -6,6 +6,7 @@ streamgen/ or kernels/).
 """
 
 from collections import defaultdict
+from functools import partial
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -42,16 +43,11 @@ def main() -> None:
     model = random_pipeline("1.3B", device, torch.bfloat16).transformer
     model.cuda_graphs.enabled = False
     case = chunk_case(model, device)
-    cache, layouts, finals, text = case.cache, case.layouts, case.finals, case.text
-    cache.refresh(layouts[4], finals.__getitem__, text)
-
-    def refresh():
-        cache.entries = list(layouts[4])
-        cache.refresh(layouts[5], finals.__getitem__, text)
-
-    report(refresh, "refresh before chunk 5")
+    case.cache.refresh(case.layouts[4], case.finals.__getitem__, case.text)
+    report(partial(case.refresh, 5), "refresh before chunk 5")
     run = case.denoise_run(5)
-    report(lambda: model([run], text, past=cache.past()), f"denoising step of chunk 5, past {cache.length}")
+    report(lambda: model([run], case.text, past=case.cache.past()),
+           f"denoising step of chunk 5, past {case.cache.length}")
 
 
 if __name__ == "__main__":
