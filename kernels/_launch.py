@@ -42,3 +42,14 @@ def row_warps(block: int) -> int:
 def pow2(n: int) -> int:
     """Smallest power of two >= n (blocks must be powers of two; the tail is masked)."""
     return triton.next_power_of_2(max(int(n), 1))
+
+
+def channel_blocks(CO: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_N2): the two accumulator widths covering CO output channels in one program of the VAE's conv
+    kernels: 128 + 64 for multiples of 192, 64 + 32 for multiples of 96 (no MMA work spent on padding), else one
+    power of two up to 128 (BLOCK_N2 = 0; several programs along CO where it is larger)."""
+    if CO % 192 == 0:
+        return 128, 64
+    if CO % 96 == 0:
+        return 64, 32
+    return min(pow2(CO), 128), 0

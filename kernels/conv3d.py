@@ -42,7 +42,7 @@ import triton.language as tl
 from torch.utils.weak import WeakIdKeyDictionary
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._launch import check_tensors
+from ._launch import channel_blocks, check_tensors
 from .vae_ops import channel_rms_norm_reference
 
 __all__ = ["fuses_norm", "padded_conv3d", "padded_conv3d_reference"]
@@ -197,14 +197,9 @@ def tap_major(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _blocks(C: int, CO: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_N2, BLOCK_K) for C inputs and CO outputs: CO covered by 64 + 32, 128 + 64, or a power of two
-    up to 128 (then several programs along CO); BLOCK_K the largest of 64, 32, 16 dividing C (a multiple of 16)."""
-    block_k = next(k for k in (64, 32, 16) if C % k == 0)
-    if CO % 192 == 0:
-        return 128, 64, block_k
-    if CO % 96 == 0:
-        return 64, 32, block_k
-    return min(triton.next_power_of_2(CO), 128), 0, block_k
+    """(BLOCK_N, BLOCK_N2, BLOCK_K) for C inputs and CO outputs: CO as `channel_blocks` covers it; BLOCK_K the
+    largest of 64, 32, 16 dividing C (a multiple of 16)."""
+    return *channel_blocks(CO), next(k for k in (64, 32, 16) if C % k == 0)
 
 
 def fuses_norm(C: int, CO: int) -> bool:
