@@ -1,9 +1,7 @@
 """Triton kernels against their plain-torch references, across shapes, dtypes, strides and masks.
 
-Without a GPU the kernels run in Triton's interpreter (numpy on the CPU). Triton picks interpreter or compiler
-when ``@triton.jit`` decorates a function, which for its own library functions (``tl.zeros``, ...) happens when
-triton is imported: TRITON_INTERPRET=1 is set here before the first import of triton, and the module refuses to
-run (instead of failing obscurely) if triton was already imported without it.
+Without a GPU the kernels run in Triton's interpreter (numpy on the CPU; `kernel_support`, imported first, sets it
+up).
 
 Tolerances: fp32 is checked tightly (1e-5). 16-bit outputs of the memory-bound kernels do fp32 math and round once,
 so they must lie within one ulp of the fp64 truth (the interpreter truncates fp32 -> bf16 instead of rounding: still
@@ -16,23 +14,12 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
-import sys
-
-import torch
-
-if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1":
-    if "triton" in sys.modules:  # its own @jit library functions (tl.zeros, ...) were decorated for a GPU
-        raise RuntimeError(
-            "no GPU: the kernels must run in Triton's interpreter, but triton was imported before TRITON_INTERPRET=1 "
-            "was set; run `TRITON_INTERPRET=1 python -m pytest ...`"
-        )
-    os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
+import torch
+from kernel_support import DEVICE, INTERPRET, f64, padded_frames, rand
 
 from kernels import conv3d
-from kernels._launch import INTERPRET
 from kernels.attention import attention_reference, chunk_attention, extend_attention
 from kernels.conv3d import fuses_norm, padded_conv3d, padded_conv3d_reference
 from kernels.modulate import (
@@ -51,7 +38,6 @@ from kernels.vae_ops import (
     scaled_softmax_reference,
 )
 
-DEVICE = "cpu" if INTERPRET else "cuda"
 LOW = [torch.float16, torch.bfloat16]
 ALL = [torch.float32, *LOW]
 ATTN_DTYPES = [torch.float32, torch.float16] + ([] if INTERPRET else [torch.bfloat16])
@@ -60,14 +46,6 @@ ATTN_DTYPES = [torch.float32, torch.float16] + ([] if INTERPRET else [torch.bflo
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-def rand(*shape, dtype=torch.float32, scale=1.0):
-    return (torch.randn(*shape, dtype=torch.float32, device=DEVICE) * scale).to(dtype)
-
-
-def f64(*ts):
-    return [None if t is None else t.double() for t in ts]
 
 
 def check_ulp(out: torch.Tensor, ref64: torch.Tensor, dtype: torch.dtype) -> None:
@@ -606,11 +584,6 @@ def test_vae_pixel_attention_fused_path(monkeypatch):
     monkeypatch.setattr(vae_ops, "SOFTMAX_MAX_ROW", 40)  # float64 (no fp32 scores buffer for it) stays on SDPA too
     torch.testing.assert_close(vae_module.pixel_attention(*f64(q, k, v)), ref, rtol=0, atol=1e-12)
     assert calls == []
-
-
-def padded_frames(b: int, f: int, h: int, w: int, c: int) -> torch.Tensor:
-    """Random frames (B, F, H + 2, W + 2, C) with the zero ring a padded conv input has."""
-    return torch.nn.functional.pad(rand(b, f, h, w, c), (0, 0, 1, 1, 1, 1))
 
 
 # (B, C, CO, T, H, W): one accumulator (CO 16, 48 masked to 64), two (96 = 64 + 32, 192 = 128 + 64), several programs

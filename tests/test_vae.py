@@ -325,6 +325,31 @@ def test_upsample2x_conv_equals_nearest_upsampling_then_conv_float64(channels_la
     assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+def test_fused_upsample2x_conv_is_the_triton_kernel(monkeypatch):
+    """On the CUDA inference path (run here in Triton's interpreter) a channels-last upsampling with channels that
+    are multiples of 16 is one `kernels.upsample_conv` call; frames of other layouts or channel counts keep the
+    cuDNN-phase path; both equal nearest upsampling then the conv."""
+    import kernels.upsample_conv
+    from streamgen import vae as vae_module
+
+    torch.manual_seed(0)
+    calls = []
+    kernel = kernels.upsample_conv.upsample2x_conv2d
+    monkeypatch.setattr(kernels.upsample_conv, "upsample2x_conv2d", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    monkeypatch.setattr(vae_module, "_fused", lambda x: not torch.is_grad_enabled())
+    for c, o, channels_last, expect_kernel in [(16, 32, True, True), (16, 8, True, False), (16, 32, False, False)]:
+        conv = nn.Conv2d(c, o, 3, padding=1)
+        x = torch.randn(2, c, 3, 5)
+        x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+        expected = F.conv2d(x.double().repeat_interleave(2, -1).repeat_interleave(2, -2), conv.weight.double(),
+                            conv.bias.double(), padding=1)
+        calls.clear()
+        with torch.no_grad():
+            out = upsample2x_conv(x, conv)
+        assert bool(calls) == expect_kernel
+        torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
+
+
 # --- decoding ------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("sizes", [[1, 3, 3, 2], [1] * 6, [3, 2, 4], [9]])
