@@ -72,6 +72,7 @@ def main(argv=None) -> int:
     from kernels import attention as attn_mod
     from kernels.attention import attention_reference, chunk_attention
     from kernels.conv3d import fuses_norm, padded_conv3d
+    from kernels.few_outputs_conv import few_outputs_conv3d
     from kernels.modulate import (
         gated_residual,
         gated_residual_reference,
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
     )
     from streamgen.attention import Mask
     from streamgen.attention import attention as engine_attention
-    from streamgen.vae import conv_by_frames, pixel_attention
+    from streamgen.vae import conv_by_frames, few_outputs_by_frames, pixel_attention
 
     torch.manual_seed(0)
     dev = "cuda"
@@ -319,6 +320,19 @@ def main(argv=None) -> int:
         mem_row("vae phase_interleave", f"({n},4x{o},{h}+1,{w}+1)", 2 * up.numel() * dtype.itemsize,
                 lambda: phase_interleave(y, bias, up), lambda: phase_interleave_reference(y, bias, up_torch), ref)
         del y, up, up_torch, ref
+        # the RGB conv (96 -> 3) of a 12-frame chunk at full resolution: one Triton pass over the padded frames
+        # against cuDNN's conv2d with 9 outputs and the tap sums (`few_outputs_by_frames`); bytes: frames in, fp32 out
+        n, c, h, w = 12, 96, 480, 832
+        frames = torch.randn(1, n, h, w, c, device=dev, dtype=dtype)
+        padded, video = F.pad(frames, (0, 0, 1, 1, 1, 1)), frames.permute(0, 4, 1, 2, 3)
+        weight = (torch.randn(3, c, 3, 3, 3, device=dev) / (27 * c) ** 0.5).to(dtype)
+        bias = torch.randn(3, device=dev, dtype=dtype)
+        ref = F.conv3d(F.pad(video.float(), (1, 1, 1, 1, 2, 0)), weight.float(), bias.float())
+        mem_row("vae rgb conv 96->3 (vs cuDNN)", f"(1,{c},{n},{h},{w})",
+                padded.numel() * dtype.itemsize + ref.numel() * 4,
+                lambda: few_outputs_conv3d(padded, weight, bias)[0],
+                lambda: few_outputs_by_frames(video, weight, bias, (1, 1), None)[0], ref)
+        del frames, padded, video, ref
         # the mid block's attention over a 3-latent chunk's frames at 60x104, head dim 384: the engine's GEMMs around
         # the softmax kernel against SDPA (its memory-efficient kernel: no flash or cuDNN kernel takes d = 384)
         n, L, c = 3, 60 * 104, 384

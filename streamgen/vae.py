@@ -323,12 +323,15 @@ class CausalConv3d(nn.Conv3d):
         by_frames = (_frame_convs and self.stride == (1, 1, 1) and self.groups == 1
                      and (not x.is_cuda or fmt == torch.channels_last_3d))  # not CUDA channels-first
         implicit = (_triton_convs and _fused(x) and fmt == torch.channels_last_3d and self.kernel_size == (3, 3, 3)
-                    and self.stride == (1, 1, 1) and self.groups == 1 and c % 16 == 0 and self.out_channels % 16 == 0)
+                    and self.stride == (1, 1, 1) and self.groups == 1 and c % 16 == 0)
+        few_outputs = self.out_channels <= FEW_OUTPUTS  # it keeps partial sums of its next outputs, not frames
         del x  # a tensor `fill` reads must not outlive it here
         past = cache.past.get(self) if cache is not None else None  # what the previous chunk left (None: the start)
-        if implicit:
+        if implicit and few_outputs:
+            return self._few_outputs_conv((b, c, t, h, w), like, fill, cache, past, residual, then_norm)
+        if implicit and self.out_channels % 16 == 0:
             return self._padded_conv((b, c, t, h, w), like, fill, cache, past, residual, then_norm)
-        few_outputs = by_frames and self.out_channels <= FEW_OUTPUTS  # it keeps partial sums, not frames
+        few_outputs = few_outputs and by_frames
         if past is None and not few_outputs:  # the video start
             past = (torch.empty((b, c, 1, h, w), **like, memory_format=fmt).zero_(),) * p
         if few_outputs:
@@ -356,6 +359,23 @@ class CausalConv3d(nn.Conv3d):
                 cache.past[self] = buffer[:, :, -p:].clone().split(1, dim=2)  # clone: don't pin the whole chunk
             out = (conv_by_frames(buffer, self.weight, self.bias, self.padding[1:]) if by_frames
                    else super().forward(buffer))
+        return _normed(out if residual is None else out.add_(residual), then_norm)
+
+    def _few_outputs_conv(self, shape: tuple[int, ...], like: dict, fill: Callable[[torch.Tensor], object],
+                          cache: TimeCache | None, pending: torch.Tensor | None, residual: torch.Tensor | None,
+                          then_norm: tuple[RMSNorm, torch.Tensor] | None) -> torch.Tensor:
+        """`convolve` with at most `FEW_OUTPUTS` outputs (the decoder's RGB conv) as one Triton pass over the chunk's
+        padded frames (`kernels.few_outputs_conv`: each frame read once, the time taps rolled through fp32 partial
+        sums kept in `cache` between chunks); fp32 output. H100, 12 frames at 480x832, 96 -> 3: 1.49 ms against 1.60
+        for cuDNN's 9-output conv2d and the tap sums (benchmarks/RESULTS.md)."""
+        from kernels.few_outputs_conv import few_outputs_conv3d
+
+        b, c, t, h, w = shape
+        frames = _zero_ring(torch.empty((b, t, h + 2, w + 2, c), **like))
+        fill(_inside(frames))
+        out, pending = few_outputs_conv3d(frames, self.weight, self.bias, pending)
+        if cache is not None:
+            cache.past[self] = pending
         return _normed(out if residual is None else out.add_(residual), then_norm)
 
     def _padded_conv(self, shape: tuple[int, ...], like: dict, fill: Callable[[torch.Tensor], object],

@@ -231,6 +231,31 @@ def test_few_output_convs_keep_partial_sums_not_input_frames(monkeypatch):
     torch.testing.assert_close(torch.cat(chunks, 2), full, rtol=0, atol=1e-12)
 
 
+def test_fused_few_output_conv_continues_the_video(monkeypatch):
+    """On the CUDA inference path (run here in Triton's interpreter) the RGB conv of 16 channels is one Triton pass
+    over a chunk's padded frames (`kernels.few_outputs_conv`), keeping fp32 partial sums between chunks; fp32
+    output; chunks of one frame and longer continue the whole video's conv."""
+    import kernels.few_outputs_conv
+    from streamgen import vae as vae_module
+
+    torch.manual_seed(0)
+    conv = CausalConv3d(16, 3, 3, padding=1)
+    x = torch.randn(2, 16, 6, 5, 7).contiguous(memory_format=torch.channels_last_3d)
+    full = F.conv3d(F.pad(x.double(), (1, 1, 1, 1, 2, 0)), conv.weight.double(), conv.bias.double())
+    calls = []
+    kernel = kernels.few_outputs_conv.few_outputs_conv3d
+    monkeypatch.setattr(kernels.few_outputs_conv, "few_outputs_conv3d",
+                        lambda *a, **k: calls.append(a[0].shape[1]) or kernel(*a, **k))
+    monkeypatch.setattr(vae_module, "_fused", lambda x: not torch.is_grad_enabled())
+    cache, chunks = TimeCache(), []
+    with torch.no_grad():
+        for chunk in x.split([1, 3, 2], dim=2):
+            chunks.append(conv(chunk, cache))
+            assert cache.past[conv].shape == (2, 2, 3, 5, 7) and cache.past[conv].dtype == torch.float32
+    assert calls == [1, 3, 2]
+    torch.testing.assert_close(torch.cat(chunks, 2).double(), full, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_streaming_decode_by_frames_equals_the_conv3d_path(vae64, channels_last):
     gen = torch.Generator().manual_seed(3)
