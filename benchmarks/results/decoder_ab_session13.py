@@ -1,0 +1,109 @@
+"""One-off, same machine, alternating: the thirteenth session's decoder changes against the code before them.
+
+- up: the spatial upsamplers' conv as one Triton implicit GEMM per phase writing the interleaved output
+  (`kernels.upsample_conv`), against cuDNN's conv of the four phases and the Triton interleave pass
+  (`kernels.vae_ops.phase_interleave`), the previous fused path (`cudnn_phases` below);
+- rgb: the decoder's RGB conv (96 -> 3 at full resolution) as one Triton pass over a chunk's padded frames
+  (`kernels.few_outputs_conv`), against cuDNN's conv2d with 9 outputs and torch's tap sums (`few_outputs_by_frames`,
+  what `CausalConv3d.convolve` runs with the Triton convs off).
+
+Prints the GPU bf16 check of each variant (frames vs the baseline's), then the 81-frame decode (wall and GPU kernel
+time), three each, alternating (both changes, the RGB conv only, neither); then the 1.3B stream end to end at 4 and 1
+steps, three each, alternating (both changes against neither).
+
+    python benchmarks/results/decoder_ab_session13.py     # on the GPU machine (the code of commit e7a1241; the
+                                                          # interleave kernel it uses as a baseline left after it)
+"""
+
+import torch
+import torch.nn.functional as F
+from vae_ab_session8 import decode_seconds, kernel_seconds, stream_seconds
+
+import kernels.upsample_conv
+import streamgen.vae as vae_module
+from kernels.vae_ops import phase_interleave
+from streamgen.bench import random_pipeline, vae_decode_case
+
+CONVOLVE = vae_module.CausalConv3d.convolve
+UPSAMPLE = kernels.upsample_conv.upsample2x_conv2d
+VARIANTS = {"new": {"rgb": True, "up": True}, "rgb only": {"rgb": True, "up": False},
+            "before": {"rgb": False, "up": False}}
+variant = VARIANTS["new"]
+
+
+def cudnn_phases(x, weight, bias):
+    """The previous fused upsampling: cuDNN's conv of the four phases (4 O outputs), then the interleave kernel."""
+    w4 = kernels.upsample_conv.phase_weights(weight).flatten(0, 1).to(x.dtype)
+    y = F.conv2d(x, w4.contiguous(memory_format=torch.channels_last), padding=1)
+    n, _, h, w_ = x.shape
+    out = torch.empty((n, weight.shape[0], 2 * h, 2 * w_), dtype=y.dtype, device=y.device,
+                      memory_format=torch.channels_last)
+    return phase_interleave(y, bias, out)
+
+
+def upsample(x, weight, bias):
+    return (UPSAMPLE if variant["up"] else cudnn_phases)(x, weight, bias)
+
+
+def convolve(self, *args, **kwargs):
+    """`CausalConv3d.convolve`, the few-output conv on cuDNN where the variant says so."""
+    if self.out_channels > vae_module.FEW_OUTPUTS or variant["rgb"]:
+        return CONVOLVE(self, *args, **kwargs)
+    vae_module.set_triton_convs(False)
+    try:
+        return CONVOLVE(self, *args, **kwargs)
+    finally:
+        vae_module.set_triton_convs(True)
+
+
+vae_module.CausalConv3d.convolve = convolve
+kernels.upsample_conv.upsample2x_conv2d = upsample
+
+
+def use(name: str) -> str:
+    global variant
+    variant = VARIANTS[name]
+    return name
+
+
+def main():
+    print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    device = torch.device("cuda")
+    with torch.no_grad():
+        vae, latents, sizes = vae_decode_case(device)
+        vae.to_channels_last()
+        frames = {}
+        for name in VARIANTS:
+            use(name)
+            decoder = vae.stream_decoder()
+            frames[name] = torch.cat([decoder.decode(c) for c in latents.split(sizes, dim=2)], dim=2).float()
+        for name in VARIANTS:
+            diff = (frames[name] - frames["before"]).abs()
+            print(f"decode frames {name} vs before: max abs diff {diff.max().item():.2e}, "
+                  f"mean {diff.mean().item():.2e}")
+        del frames, diff
+        for rep in range(3):
+            for name in VARIANTS:
+                use(name)
+                wall, host = decode_seconds(vae, latents, sizes)
+                kernel = kernel_seconds(vae, latents, sizes)
+                print(f"decode rep {rep} {name}: wall {wall:.3f} s, host {host:.3f} s, kernel time {kernel:.3f} s",
+                      flush=True)
+        del vae, latents
+        torch.cuda.empty_cache()
+
+        pipe = random_pipeline("1.3B", device, torch.bfloat16)
+        prompt = torch.randn(1, 512, 4096, device=device, dtype=torch.bfloat16)
+        for steps in (4, 1):
+            for name in ("new", "before"):
+                use(name)
+                stream_seconds(pipe, prompt, steps)  # graphs captured, both paths warm
+            for rep in range(3):
+                for name in ("new", "before"):
+                    use(name)
+                    e2e, peak = stream_seconds(pipe, prompt, steps)
+                    print(f"{steps} steps rep {rep} {name}: end to end {e2e:.3f} s, peak {peak:.2f} GiB", flush=True)
+
+
+if __name__ == "__main__":
+    main()
