@@ -36,6 +36,8 @@ FRAME_TOKENS = 1560  # 480x832 -> latent 60x104 -> patches 30x52
 COMPRESSED_FRAME_TOKENS = 390  # (1, 4, 4) patches: 15x26
 # the VAE decoder's causal 3x3x3 convs for a 3-latent chunk at 480x832: (C, CO, output frames, H, W) per stage
 VAE_CONVS = [(96, 96, 12, 480, 832), (192, 192, 12, 240, 416), (384, 384, 6, 120, 208), (384, 384, 3, 60, 104)]
+# its three 2x spatial upsamplers for the same chunk: (frames, C, CO, H, W) of the input
+UPSAMPLERS = [(6, 384, 192, 60, 104), (12, 384, 192, 120, 208), (12, 192, 96, 240, 416)]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-attention", action="store_true")
     p.add_argument("--skip-elementwise", action="store_true")
     p.add_argument("--skip-vae", action="store_true",
-                   help="skip the VAE decoder's causal 3x3x3 convs and phase interleave")
+                   help="skip the VAE decoder's kernels (convs, upsamplers, RGB conv, mid attention)")
     return p.parse_args(argv)
 
 
@@ -80,15 +82,12 @@ def main(argv=None) -> int:
         layernorm_modulate_reference,
     )
     from kernels.qk_norm_rope import rms_norm_rope, rms_norm_rope_reference, rope, rope_reference
-    from kernels.vae_ops import (
-        channel_rms_norm,
-        channel_rms_norm_reference,
-        phase_interleave,
-        phase_interleave_reference,
-    )
+    from kernels.upsample_conv import upsample2x_conv2d, upsample2x_conv2d_reference
+    from kernels.vae_ops import channel_rms_norm, channel_rms_norm_reference
     from streamgen.attention import Mask
     from streamgen.attention import attention as engine_attention
-    from streamgen.vae import conv_by_frames, few_outputs_by_frames, pixel_attention
+    from streamgen.vae import conv_by_frames, few_outputs_by_frames, pixel_attention, upsample2x_conv
+    from streamgen.vae import set_fused_kernels as set_vae_fused_kernels
 
     torch.manual_seed(0)
     dev = "cuda"
@@ -310,16 +309,30 @@ def main(argv=None) -> int:
                         "base_max_abs_err": be["max_abs_err"], "base_rel_err": be["rel_err"]})
                 del nxt, inside
             del buf, padded, windows
-        # the 2x upsampling's four phases (a 12-frame chunk into the 96-channel full-resolution blocks) interleaved
-        n, o, h, w = 12, 96, 240, 416
-        y = torch.randn(n, 4 * o, h + 1, w + 1, device=dev, dtype=dtype).contiguous(memory_format=torch.channels_last)
-        bias = torch.randn(o, device=dev, dtype=dtype)
-        up = torch.empty(n, o, 2 * h, 2 * w, device=dev, dtype=dtype).contiguous(memory_format=torch.channels_last)
-        up_torch = torch.empty_like(up)
-        ref = phase_interleave_reference(y.float(), bias.float(), torch.empty(up.shape, device=dev))
-        mem_row("vae phase_interleave", f"({n},4x{o},{h}+1,{w}+1)", 2 * up.numel() * dtype.itemsize,
-                lambda: phase_interleave(y, bias, up), lambda: phase_interleave_reference(y, bias, up_torch), ref)
-        del y, up, up_torch, ref
+        # the 2x upsamplers (nearest 2x + 3x3 conv) of a 3-latent chunk: the Triton phase GEMMs writing the
+        # interleaved output against the library path (cuDNN's conv of the four phases + torch's strided interleave,
+        # `upsample2x_conv` with the fused kernels off); TFLOP/s = 2 * outputs * 4 * C (each phase a 2x2 conv)
+        for n, c, o, h, w in UPSAMPLERS:
+            x = torch.randn(n, c, h, w, device=dev, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            conv = torch.nn.Conv2d(c, o, 3, padding=1, device=dev, dtype=dtype)
+            with torch.no_grad():
+                ref = upsample2x_conv2d_reference(x.float(), conv.weight.float(), conv.bias.float())
+
+                def library(x=x, conv=conv):
+                    set_vae_fused_kernels(False)
+                    try:
+                        return upsample2x_conv(x, conv)
+                    finally:
+                        set_vae_fused_kernels(True)
+
+                e, be = errors(upsample2x_conv2d(x, conv.weight, conv.bias), ref), errors(library(), ref)
+                flops = 2 * n * o * 4 * h * w * 4 * c
+                report({"name": f"vae upsample conv {c}->{o} (cuDNN)", "shape": f"({n},{c},{h},{w})",
+                        "unit": "TFLOP/s", "flops": flops,
+                        **timings(lambda x=x, conv=conv: upsample2x_conv2d(x, conv.weight, conv.bias), library,
+                                  flops),
+                        **e, "base_max_abs_err": be["max_abs_err"], "base_rel_err": be["rel_err"]})
+            del x, conv, ref
         # the RGB conv (96 -> 3) of a 12-frame chunk at full resolution: one Triton pass over the padded frames
         # against cuDNN's conv2d with 9 outputs and the tap sums (`few_outputs_by_frames`); bytes: frames in, fp32 out
         n, c, h, w = 12, 96, 480, 832

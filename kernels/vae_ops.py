@@ -1,6 +1,5 @@
-"""Wan VAE channel RMS norm, optionally fused with the SiLU that follows it, for (B, C, *positions) activations; the
-interleave of a 2x upsampling conv's four phases (`phase_interleave`); and the row softmax of the mid block's
-attention scores (`scaled_softmax`).
+"""Wan VAE channel RMS norm, optionally fused with the SiLU that follows it, for (B, C, *positions) activations; and
+the row softmax of the mid block's attention scores (`scaled_softmax`).
 
 Wan's VAE normalises each position's channel vector, ``x / max(||x||_2, eps) * sqrt(C) * gamma (+ bias)``, and in
 its residual blocks and output heads feeds the result through SiLU into a causal conv. Eager torch spends about
@@ -19,16 +18,13 @@ a slice of a preallocated buffer.
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 import triton
 import triton.language as tl
 
 from ._launch import check_tensors, pow2
 
-__all__ = ["channel_rms_norm", "channel_rms_norm_reference", "phase_interleave", "phase_interleave_reference",
-           "scaled_softmax", "scaled_softmax_reference"]
+__all__ = ["channel_rms_norm", "channel_rms_norm_reference", "scaled_softmax", "scaled_softmax_reference"]
 
 _MAX_GRID_YZ = 65535
 
@@ -168,77 +164,6 @@ def channel_rms_norm_reference(
     if silu:
         y = torch.nn.functional.silu(y)
     return y.to(x.dtype)
-
-
-@triton.jit
-def _phase_interleave_kernel(
-    y_ptr, bias_ptr, out_ptr,
-    C_OUT, H, W,
-    stride_yn, stride_yc, stride_yh, stride_yw,
-    stride_on, stride_oc, stride_oh, stride_ow,
-    HAS_BIAS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_O: tl.constexpr,
-):
-    """grid = (cdiv(2W, BLOCK_S), 2H, N): BLOCK_S pixels of output row r = 2i + a, all O channels each."""
-    s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
-    r = tl.program_id(1)
-    n = tl.program_id(2).to(tl.int64)
-    a = r % 2
-    b = s % 2
-    o = tl.arange(0, BLOCK_O)
-    mask = (s < 2 * W)[:, None] & (o < C_OUT)[None, :]
-    row = n * stride_yn + (r // 2 + a).to(tl.int64) * stride_yh
-    src = row + (s // 2 + b).to(tl.int64)[:, None] * stride_yw + ((2 * a + b)[:, None] * C_OUT + o[None, :]) * stride_yc
-    v = tl.load(y_ptr + src, mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        v += tl.load(bias_ptr + o, mask=o < C_OUT, other=0.0).to(tl.float32)[None, :]
-    dst = n * stride_on + r.to(tl.int64) * stride_oh + s.to(tl.int64)[:, None] * stride_ow + o[None, :] * stride_oc
-    tl.store(out_ptr + dst, v.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def _phase_shapes(y: torch.Tensor, out: torch.Tensor) -> tuple[int, int, int, int]:
-    if y.dim() != 4 or out.dim() != 4:
-        raise ValueError(f"y and out must be 4D (N, 4 O, H + 1, W + 1) and (N, O, 2H, 2W), got {tuple(y.shape)} and "
-                         f"{tuple(out.shape)}")
-    n, o4, h1, w1 = y.shape
-    if o4 % 4 or out.shape != (n, o4 // 4, 2 * (h1 - 1), 2 * (w1 - 1)):
-        raise ValueError(f"out must be (N, O, 2H, 2W) = {(n, o4 // 4, 2 * (h1 - 1), 2 * (w1 - 1))} for phases y "
-                         f"{tuple(y.shape)}, got {tuple(out.shape)}")
-    return n, o4 // 4, h1 - 1, w1 - 1
-
-
-def phase_interleave(y: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
-    """``out[n, o, 2i + a, 2j + b] = y[n, (2a + b) O + o, i + a, j + b] + bias[o]``: the four phases of a nearest-2x
-    upsampling + 3x3 conv, computed as one 2x2 conv with 4 O outputs and padding 1 (see the VAE's
-    `upsample2x_conv`), interleaved into the upsampled frame with the bias added (fp32 math, one rounding; the bias
-    is first rounded to y's dtype, as the torch path adds it). y (N, 4 O, H + 1, W + 1) and out (N, O, 2H, 2W) may
-    have any strides; channels-last reads and writes whole channel vectors. Returns ``out``.
-
-    torch's strided add does the same in a generic 6-dim elementwise kernel at about a third of the memory
-    bandwidth (H100: 2.0 ms for the decoder's 96-channel 12-frame chunk, benchmarks/results).
-    """
-    n, o, h, w = _phase_shapes(y, out)
-    if bias is not None and bias.numel() != o:
-        raise ValueError(f"bias must hold O = {o} values, got shape {tuple(bias.shape)}")
-    check_tensors(y, bias, out)
-    if out.numel() == 0:
-        return out
-    bias = None if bias is None else bias.reshape(o).to(y.dtype)
-    block_o = pow2(o)
-    block_s = min(max(4096 // block_o, 1), pow2(2 * w))
-    _phase_interleave_kernel[(triton.cdiv(2 * w, block_s), 2 * h, n)](
-        y, y if bias is None else bias, out, o, h, w, *y.stride(), *out.stride(),
-        HAS_BIAS=bias is not None, BLOCK_S=block_s, BLOCK_O=block_o, num_warps=4,
-    )
-    return out
-
-
-def phase_interleave_reference(y: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
-    """Plain torch version of :func:`phase_interleave`, one phase at a time."""
-    _, o, h, w = _phase_shapes(y, out)
-    for a, b in itertools.product((0, 1), (0, 1)):
-        phase = y[:, (2 * a + b) * o : (2 * a + b + 1) * o, a : a + h, b : b + w]
-        out[:, :, a::2, b::2] = phase if bias is None else phase + bias.reshape(o, 1, 1).to(y.dtype)
-    return out
 
 
 @triton.jit

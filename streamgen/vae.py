@@ -160,8 +160,9 @@ def set_frame_convs(enabled: bool) -> None:
 def set_triton_convs(enabled: bool) -> None:
     """Run the causal 3x3x3 convs (input and output channels multiples of 16) as one Triton implicit GEMM each
     (`kernels.conv3d.padded_conv3d`) where the fused kernels run (CUDA inference) with channels-last activations
-    (default), or as frame convolutions summed by cuDNN. Measured against cuDNN's per-tap 2D convs
-    (benchmarks/RESULTS.md). Switch between videos: a conv's kept frames differ between the two paths."""
+    (default), or as frame convolutions summed by cuDNN; likewise the RGB conv (`kernels.few_outputs_conv`) and the
+    upsamplers' convs (`kernels.upsample_conv`). Measured against cuDNN (benchmarks/RESULTS.md). Switch between
+    videos: a conv's kept frames differ between the two paths."""
     global _triton_convs
     _triton_convs = enabled
 
@@ -536,27 +537,22 @@ def upsample2x_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """conv(nearest 2x upsampling of x) for x (N, C, H, W) and a 3x3, padding-1 conv, without making the upsampled
     input. Output pixel (2i + a, 2j + b) reads input rows (i - 1, i) for a = 0 and (i, i + 1) for a = 1 (columns
     alike), so each phase (a, b) is a 2x2 convolution of x whose taps are sums of the 3x3 taps that land on one
-    input pixel: 2.25x fewer multiply-adds. The four phases come out of one convolution (4 O channels, padding 1,
-    phase (a, b) at offset (a, b) of its (H + 1, W + 1) output), and one strided pass interleaves them, adding the
-    bias (on CUDA inference the Triton kernel `kernels.vae_ops.phase_interleave`, which moves whole channel vectors:
-    torch's strided add ran at about a third of the memory bandwidth). On CUDA inference with channels-last frames
-    and channels multiples of 16 all of it is one Triton kernel instead, each phase an implicit GEMM written straight
-    to its interleaved pixels with the bias (`kernels.upsample_conv`). Returns (N, O, 2H, 2W) in x's memory
-    format."""
+    input pixel: 2.25x fewer multiply-adds. On CUDA inference (channels-last, channels multiples of 16) that is one
+    Triton kernel, each phase an implicit GEMM written straight to its interleaved pixels with the bias
+    (`kernels.upsample_conv`; H100: 1.4-1.6x cuDNN's phase conv and an interleave pass, benchmarks/RESULTS.md).
+    Elsewhere the four phases come out of one convolution (4 O channels, padding 1, phase (a, b) at offset (a, b) of
+    its (H + 1, W + 1) output) and one strided pass interleaves them, adding the bias. Returns (N, O, 2H, 2W) in x's
+    memory format."""
     from kernels.upsample_conv import phase_weights, upsample2x_conv2d
 
     n, c, h, w = x.shape
     o = conv.out_channels
-    if _fused(x) and x.stride(1) == 1 and c % 16 == 0 and o % 16 == 0:
+    if _triton_convs and _fused(x) and x.stride(1) == 1 and c % 16 == 0 and o % 16 == 0:
         return upsample2x_conv2d(x.contiguous(memory_format=torch.channels_last), conv.weight, conv.bias)
     fmt = _memory_format(x)
     w4 = phase_weights(conv.weight).flatten(0, 1).to(x.dtype)  # the phases' 2x2 taps, summed in fp32 at least
     y = F.conv2d(x, w4.contiguous(memory_format=fmt), padding=1)  # (N, 4 O, H + 1, W + 1)
     out = torch.empty((n, o, 2 * h, 2 * w), dtype=y.dtype, device=y.device, memory_format=fmt)
-    if _fused(y):
-        from kernels.vae_ops import phase_interleave
-
-        return phase_interleave(y, conv.bias, out)
     sn, sc, sh, sw = y.stride()
     # y[n, (2a + b) O + o, i + a, j + b] for (n, a, b, o, i, j): one strided view, no copy
     split = y.as_strided((n, 2, 2, o, h, w), (sn, 2 * o * sc + sh, o * sc + sw, sc, sh, sw), y.storage_offset())

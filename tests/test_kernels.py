@@ -32,8 +32,6 @@ from kernels.qk_norm_rope import rms_norm_rope, rms_norm_rope_reference, rope, r
 from kernels.vae_ops import (
     channel_rms_norm,
     channel_rms_norm_reference,
-    phase_interleave,
-    phase_interleave_reference,
     scaled_softmax,
     scaled_softmax_reference,
 )
@@ -487,49 +485,6 @@ def test_channel_rms_norm_rejects_bad_arguments():
         channel_rms_norm(rand(1, 4, 3), rand(5))
     with pytest.raises(ValueError, match="out must be"):
         channel_rms_norm(rand(1, 4, 3), rand(4), out=rand(1, 4, 4))
-
-
-# ------------------------------------------------------------------------------------- phase_interleave (VAE)
-
-
-@pytest.mark.parametrize("channels_last", [True, False])
-@pytest.mark.parametrize("dtype", ALL)
-@pytest.mark.parametrize("n,o,h,w", [(1, 3, 1, 1), (2, 16, 3, 5), (1, 96, 2, 7), (3, 20, 4, 3)])
-def test_phase_interleave(n, o, h, w, dtype, channels_last):
-    """The four phases land at their pixels with the bias added: equal to the phase-by-phase torch version (fp32),
-    within one ulp of fp64 (16-bit), in either layout; without a bias, a plain interleave."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    y = rand(n, 4 * o, h + 1, w + 1, dtype=dtype).contiguous(memory_format=fmt)
-    bias = rand(o, dtype=dtype)
-    out = torch.full((n, o, 2 * h, 2 * w), float("nan"), dtype=dtype, device=DEVICE).contiguous(memory_format=fmt)
-    assert phase_interleave(y, bias, out) is out
-    ref = phase_interleave_reference(y.double(), bias.double(), torch.empty(out.shape, dtype=torch.float64))
-    if dtype == torch.float32:
-        assert torch.equal(out, phase_interleave_reference(y, bias, torch.empty_like(out)))
-    check_ulp(out, ref, dtype)
-    assert torch.equal(phase_interleave(y, None, torch.empty_like(out)),
-                       phase_interleave_reference(y, None, torch.empty_like(out)))
-
-
-def test_phase_interleave_picks_each_phase_pixel():
-    """Output pixel (2i + a, 2j + b) is phase (a, b) read at (i + a, j + b): checked on labelled values."""
-    n, o, h, w = 1, 2, 2, 3
-    y = torch.arange(n * 4 * o * (h + 1) * (w + 1), dtype=torch.float32, device=DEVICE).view(n, 4 * o, h + 1, w + 1)
-    out = phase_interleave(y, None, torch.empty(n, o, 2 * h, 2 * w, device=DEVICE))
-    for a, b, i, j, c in itertools.product((0, 1), (0, 1), range(h), range(w), range(o)):
-        assert out[0, c, 2 * i + a, 2 * j + b] == y[0, (2 * a + b) * o + c, i + a, j + b]
-
-
-def test_phase_interleave_rejects_bad_arguments():
-    y = rand(1, 8, 3, 4)
-    with pytest.raises(ValueError, match="out must be"):
-        phase_interleave(y, None, rand(1, 2, 4, 5))
-    with pytest.raises(ValueError, match="out must be"):
-        phase_interleave(rand(1, 6, 3, 4), None, rand(1, 1, 4, 6))
-    with pytest.raises(ValueError, match="bias must hold"):
-        phase_interleave(y, rand(3), rand(1, 2, 4, 6))
-    with pytest.raises(ValueError, match="must be 4D"):
-        phase_interleave(y[None], None, rand(1, 2, 4, 6))
 
 
 # --------------------------------------------------------------------------------------- scaled_softmax (VAE)

@@ -352,8 +352,8 @@ def test_upsample2x_conv_equals_nearest_upsampling_then_conv_float64(channels_la
 
 def test_fused_upsample2x_conv_is_the_triton_kernel(monkeypatch):
     """On the CUDA inference path (run here in Triton's interpreter) a channels-last upsampling with channels that
-    are multiples of 16 is one `kernels.upsample_conv` call; frames of other layouts or channel counts keep the
-    cuDNN-phase path; both equal nearest upsampling then the conv."""
+    are multiples of 16 is one `kernels.upsample_conv` call; frames of other layouts or channel counts, or the
+    Triton convs switched off, keep the cuDNN-phase path; both equal nearest upsampling then the conv."""
     import kernels.upsample_conv
     from streamgen import vae as vae_module
 
@@ -362,7 +362,10 @@ def test_fused_upsample2x_conv_is_the_triton_kernel(monkeypatch):
     kernel = kernels.upsample_conv.upsample2x_conv2d
     monkeypatch.setattr(kernels.upsample_conv, "upsample2x_conv2d", lambda *a, **k: calls.append(1) or kernel(*a, **k))
     monkeypatch.setattr(vae_module, "_fused", lambda x: not torch.is_grad_enabled())
-    for c, o, channels_last, expect_kernel in [(16, 32, True, True), (16, 8, True, False), (16, 32, False, False)]:
+    cases = [(16, 32, True, True, True), (16, 8, True, True, False), (16, 32, False, True, False),
+             (16, 32, True, False, False)]
+    for c, o, channels_last, triton_convs, expect_kernel in cases:
+        monkeypatch.setattr(vae_module, "_triton_convs", triton_convs)
         conv = nn.Conv2d(c, o, 3, padding=1)
         x = torch.randn(2, c, 3, 5)
         x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
