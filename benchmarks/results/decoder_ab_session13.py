@@ -17,7 +17,7 @@ steps, three each, alternating (both changes against neither).
 
 import torch
 import torch.nn.functional as F
-from vae_ab_session8 import decode_seconds, kernel_seconds, stream_seconds
+from vae_ab_session8 import alternate_decodes, stream_seconds, variant_frames
 
 import kernels.upsample_conv
 import streamgen.vae as vae_module
@@ -72,23 +72,13 @@ def main():
     with torch.no_grad():
         vae, latents, sizes = vae_decode_case(device)
         vae.to_channels_last()
-        frames = {}
-        for name in VARIANTS:
-            use(name)
-            decoder = vae.stream_decoder()
-            frames[name] = torch.cat([decoder.decode(c) for c in latents.split(sizes, dim=2)], dim=2).float()
+        frames = variant_frames(vae, latents, sizes, VARIANTS, use)
         for name in VARIANTS:
             diff = (frames[name] - frames["before"]).abs()
             print(f"decode frames {name} vs before: max abs diff {diff.max().item():.2e}, "
                   f"mean {diff.mean().item():.2e}")
         del frames, diff
-        for rep in range(3):
-            for name in VARIANTS:
-                use(name)
-                wall, host = decode_seconds(vae, latents, sizes)
-                kernel = kernel_seconds(vae, latents, sizes)
-                print(f"decode rep {rep} {name}: wall {wall:.3f} s, host {host:.3f} s, kernel time {kernel:.3f} s",
-                      flush=True)
+        alternate_decodes(vae, latents, sizes, VARIANTS, use)
         del vae, latents
         torch.cuda.empty_cache()
 

@@ -15,7 +15,7 @@ graphs' part acts there) and end to end, at 4 and 1 steps, three each.
 import torch
 import torch.nn.functional as F
 from row_warps_ab_session11 import latents_seconds
-from vae_ab_session8 import decode_seconds, kernel_seconds, stream_seconds
+from vae_ab_session8 import alternate_decodes, stream_seconds, variant_frames
 
 import streamgen.vae as vae_module
 from streamgen.bench import random_pipeline, vae_decode_case
@@ -40,21 +40,11 @@ def main():
     with torch.no_grad():
         vae, latents, sizes = vae_decode_case(device)
         vae.to_channels_last()
-        frames = {}
-        for new in (True, False):
-            name = use(new)
-            decoder = vae.stream_decoder()
-            frames[name] = torch.cat([decoder.decode(c) for c in latents.split(sizes, dim=2)], dim=2).float()
+        frames = variant_frames(vae, latents, sizes, (True, False), use)
         diff = (frames["new"] - frames["before"]).abs()
         print(f"decode frames new vs before: max abs diff {diff.max().item():.2e}, mean {diff.mean().item():.2e}")
         del frames, diff
-        for rep in range(3):
-            for new in (True, False):
-                name = use(new)
-                wall, host = decode_seconds(vae, latents, sizes)
-                kernel = kernel_seconds(vae, latents, sizes)
-                print(f"decode rep {rep} {name}: wall {wall:.3f} s, host {host:.3f} s, kernel time {kernel:.3f} s",
-                      flush=True)
+        alternate_decodes(vae, latents, sizes, (True, False), use)
         del vae, latents
         torch.cuda.empty_cache()
 

@@ -1,8 +1,9 @@
 """Shared by the one-off VAE and stream measurements of sessions 8-10 (`vae_triton_conv_ab_session8.py`,
 `vae_profile_ab_session8.py`, `conv3d_launch_overhead_session8.py`, `decode_pass_frames_ab_session8.py`, the
-`*_session9.py` scripts and the stream A/Bs of session 10): timing one streaming decode (wall, host, or its GPU
-kernel time), timing one whole stream, and a copy of a VAE in an earlier session's code (its modules put next to
-the scripts for the run, as `vae_triton_conv_ab_session8.py` describes)."""
+`*_session9.py` scripts, the stream A/Bs of session 10 and the decoder A/Bs of sessions 12-13): timing one streaming
+decode (wall, host, or its GPU kernel time) or variants of it alternating, each variant's frames, timing one whole
+stream, and a copy of a VAE in an earlier session's code (its modules put next to the scripts for the run, as
+`vae_triton_conv_ab_session8.py` describes)."""
 
 import time
 
@@ -31,6 +32,28 @@ def kernel_seconds(vae, latents: torch.Tensor, sizes: list[int]) -> float:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         decode_seconds(vae, latents, sizes)
     return sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
+
+
+def variant_frames(vae, latents: torch.Tensor, sizes: list[int], variants, use) -> dict[str, torch.Tensor]:
+    """Each variant's streaming decode of `latents` in chunks of `sizes` (float32 frames) by name, to compare them."""
+    frames = {}
+    for variant in variants:
+        name = use(variant)
+        decoder = vae.stream_decoder()
+        frames[name] = torch.cat([decoder.decode(c) for c in latents.split(sizes, dim=2)], dim=2).float()
+    return frames
+
+
+def alternate_decodes(vae, latents: torch.Tensor, sizes: list[int], variants, use, reps: int = 3) -> None:
+    """`reps` rounds of one streaming decode per variant, alternating (`use(variant)` switches to it and returns its
+    name): prints each decode's wall, host and GPU kernel seconds."""
+    for rep in range(reps):
+        for variant in variants:
+            name = use(variant)
+            wall, host = decode_seconds(vae, latents, sizes)
+            kernel = kernel_seconds(vae, latents, sizes)
+            print(f"decode rep {rep} {name}: wall {wall:.3f} s, host {host:.3f} s, kernel time {kernel:.3f} s",
+                  flush=True)
 
 
 def stream_seconds(pipe, prompt: torch.Tensor, steps: int) -> tuple[float, float]:
