@@ -17,7 +17,7 @@ steps, three each, alternating (both changes against neither).
 
 import torch
 import torch.nn.functional as F
-from vae_ab_session8 import alternate_decodes, stream_seconds, variant_frames
+from vae_ab_session8 import alternate_decodes, alternate_streams, variant_frames
 
 import kernels.upsample_conv
 import streamgen.vae as vae_module
@@ -84,15 +84,7 @@ def main():
 
         pipe = random_pipeline("1.3B", device, torch.bfloat16)
         prompt = torch.randn(1, 512, 4096, device=device, dtype=torch.bfloat16)
-        for steps in (4, 1):
-            for name in ("new", "before"):
-                use(name)
-                stream_seconds(pipe, prompt, steps)  # graphs captured, both paths warm
-            for rep in range(3):
-                for name in ("new", "before"):
-                    use(name)
-                    e2e, peak = stream_seconds(pipe, prompt, steps)
-                    print(f"{steps} steps rep {rep} {name}: end to end {e2e:.3f} s, peak {peak:.2f} GiB", flush=True)
+        alternate_streams(pipe, prompt, ("new", "before"), use)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 `vae_profile_ab_session8.py`, `conv3d_launch_overhead_session8.py`, `decode_pass_frames_ab_session8.py`, the
 `*_session9.py` scripts, the stream A/Bs of session 10 and the decoder A/Bs of sessions 12-13): timing one streaming
 decode (wall, host, or its GPU kernel time) or variants of it alternating, each variant's frames, timing one whole
-stream, and a copy of a VAE in an earlier session's code (its modules put next to the scripts for the run, as
-`vae_triton_conv_ab_session8.py` describes)."""
+stream or variants of it alternating, and a copy of a VAE in an earlier session's code (its modules put next to the
+scripts for the run, as `vae_triton_conv_ab_session8.py` describes)."""
 
 import time
 
@@ -66,6 +66,21 @@ def stream_seconds(pipe, prompt: torch.Tensor, steps: int) -> tuple[float, float
     for _ in pipe.stream(prompt, height=480, width=832, num_frames=81, steps=steps, seed=0):
         pass
     return time.perf_counter() - t, torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def alternate_streams(pipe, prompt: torch.Tensor, variants, use, budgets=(4, 1), reps: int = 3) -> None:
+    """Per step budget: one warm-up stream per variant (graphs captured, both paths warm), then `reps` rounds of one
+    stream per variant, alternating (`use(variant)` switches and returns its name): prints end to end seconds and the
+    peak GiB."""
+    for steps in budgets:
+        for variant in variants:
+            use(variant)
+            stream_seconds(pipe, prompt, steps)
+        for rep in range(reps):
+            for variant in variants:
+                name = use(variant)
+                e2e, peak = stream_seconds(pipe, prompt, steps)
+                print(f"{steps} steps rep {rep} {name}: end to end {e2e:.3f} s, peak {peak:.2f} GiB", flush=True)
 
 
 def code_copy(vae, old_vae):
