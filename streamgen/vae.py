@@ -367,7 +367,7 @@ class CausalConv3d(nn.Conv3d):
                           then_norm: tuple[RMSNorm, torch.Tensor] | None) -> torch.Tensor:
         """`convolve` with at most `FEW_OUTPUTS` outputs (the decoder's RGB conv) as one Triton pass over the chunk's
         padded frames (`kernels.few_outputs_conv`: each frame read once, the time taps rolled through fp32 partial
-        sums kept in `cache` between chunks); fp32 output. H100, 12 frames at 480x832, 96 -> 3: 1.49 ms against 1.60
+        sums kept in `cache` between chunks); fp32 output. H100, 12 frames at 480x832, 96 -> 3: 0.64 ms against 1.60
         for cuDNN's 9-output conv2d and the tap sums (benchmarks/RESULTS.md)."""
         from kernels.few_outputs_conv import few_outputs_conv3d
 

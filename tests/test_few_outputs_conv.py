@@ -27,21 +27,25 @@ def close(actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-5) -> No
     torch.testing.assert_close(actual.double(), expected.double(), rtol=tol, atol=tol)
 
 
-# (B, C, O, T, H, W): tiles of 32 positions crossing rows and frames (6 x 8, 7 x 11 padded), a frame smaller than a
-# tile (4 x 5 padded), one frame and several, 1 to 4 outputs, one to six K blocks per spatial tap
-CASES = [(2, 16, 3, 1, 4, 6), (2, 32, 1, 2, 5, 9), (2, 96, 4, 5, 4, 6), (2, 16, 3, 5, 2, 3), (1, 48, 2, 2, 3, 7)]
+# (B, C, O, T, H, W, (block_h, block_w)): tiles crossing the frame's right and bottom edges (5 x 9 in 2 x 8 tiles,
+# 7 x 20 in 4 x 16, 6 x 33 in 6 x 8: the last tile one column wide), frames narrower or smaller than a tile (4 x 6,
+# 2 x 3), several tiles per frame in both directions, the default 8 x 64 tiles, one frame and several, 1 to 4
+# outputs, one to five K blocks per horizontal tap
+CASES = [(2, 16, 3, 1, 4, 6, (2, 8)), (2, 32, 1, 2, 5, 9, (2, 8)), (2, 96, 4, 5, 4, 6, None),
+         (2, 16, 3, 5, 2, 3, (4, 16)), (1, 48, 2, 2, 7, 20, (4, 16)), (1, 80, 3, 3, 6, 33, (6, 8))]
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_one_chunk_matches_the_reference(case):
     """Outputs and new pending sums of a chunk continuing a video (random pending, bias) within 1e-5 of fp64; the
-    frames a view of a longer buffer whose other frame is NaN (rows the ring positions read and drop)."""
-    b, c, o, t, h, w = case
+    frames a view of a longer buffer whose other frame is NaN (rows that positions outside the frame read and drop)."""
+    b, c, o, t, h, w, blocks = case
     buf = padded_frames(b, t + 1, h, w, c)
     buf[:, 0] = float("nan")
     frames = buf[:, 1:]
     weight, bias, pending = conv_weight(o, c), rand(o), rand(b, 2, o, h, w)
-    out, new = few_outputs_conv3d(frames, weight, bias, pending, block_m=32)
+    tiles = {} if blocks is None else dict(block_h=blocks[0], block_w=blocks[1])
+    out, new = few_outputs_conv3d(frames, weight, bias, pending, **tiles)
     ref_out, ref_new = few_outputs_conv3d_reference(*f64(frames, weight, bias, pending))
     assert out.shape == (b, o, t, h, w) and out.dtype == torch.float32 and out.is_contiguous()
     assert new.shape == (b, 2, o, h, w) and new.dtype == torch.float32
@@ -69,7 +73,8 @@ def test_a_video_in_chunks_equals_the_whole_video(o):
     weight, bias = conv_weight(o, c), rand(o)
     outs, pending, start = [], None, 0
     for t in (1, 3, 1, 2):
-        out, pending = few_outputs_conv3d(video[:, start : start + t].contiguous(), weight, bias, pending, block_m=32)
+        chunk = video[:, start : start + t].contiguous()
+        out, pending = few_outputs_conv3d(chunk, weight, bias, pending, block_h=2, block_w=8)
         outs.append(out)
         start += t
     plain = video[:, :, 1:-1, 1:-1].permute(0, 4, 1, 2, 3).double()
@@ -80,8 +85,8 @@ def test_a_video_in_chunks_equals_the_whole_video(o):
 def test_no_pending_is_zero_pending():
     b, c, o, t, h, w = 2, 16, 3, 2, 3, 4
     frames, weight = padded_frames(b, t, h, w, c), conv_weight(o, c)
-    none = few_outputs_conv3d(frames, weight, block_m=32)
-    zero = few_outputs_conv3d(frames, weight, None, torch.zeros(b, 2, o, h, w, device=DEVICE), block_m=32)
+    none = few_outputs_conv3d(frames, weight, block_h=2, block_w=8)
+    zero = few_outputs_conv3d(frames, weight, None, torch.zeros(b, 2, o, h, w, device=DEVICE), block_h=2, block_w=8)
     for a, z in zip(none, zero):
         torch.testing.assert_close(a, z, rtol=0, atol=0)
     close(none[0], few_outputs_conv3d_reference(*f64(frames, weight))[0])
@@ -100,7 +105,7 @@ def test_into_a_strided_out():
             ref = few_outputs_conv3d_reference(*f64(frames, weight, bias, pending))[0]
         big = torch.full((b, t + 1, h, w, o + 2), 7.0, dtype=dtype, device=DEVICE).permute(0, 4, 1, 2, 3)
         out = big[:, 1 : o + 1, 1:]
-        assert few_outputs_conv3d(frames, weight, bias, pending, out=out, block_m=32)[0] is out
+        assert few_outputs_conv3d(frames, weight, bias, pending, out=out, block_h=2, block_w=8)[0] is out
         close(out, ref, 1e-5 if dtype == torch.float32 else 2e-3)
         inside = torch.zeros_like(big, dtype=torch.bool)
         inside[:, 1 : o + 1, 1:] = True
@@ -114,24 +119,28 @@ def test_half_frames(dtype):
     b, c, o, t, h, w = 2, 96, 3, 2, 3, 5
     frames, weight, bias = padded_frames(b, t, h, w, c, dtype), conv_weight(o, c, dtype), rand(o)
     ref_out, ref_new = few_outputs_conv3d_reference(*f64(frames, weight, bias))
-    out, new = few_outputs_conv3d(frames, weight, bias, block_m=32)
+    out, new = few_outputs_conv3d(frames, weight, bias, block_h=2, block_w=8)
     close(out, ref_out, 1e-4)
     close(new, ref_new, 1e-4)
     low = torch.empty(b, o, t, h, w, dtype=dtype, device=DEVICE)
-    few_outputs_conv3d(frames, weight, bias, out=low, block_m=32)
+    few_outputs_conv3d(frames, weight, bias, out=low, block_h=2, block_w=8)
     close(low, ref_out, 2 * torch.finfo(dtype).eps)
 
 
 def test_weight_copy_layout_and_refresh():
-    """Column 4 o + k of spatial tap (dh, dw) is weight[o, :, k, dh, dw]; the kept copy follows in-place changes."""
+    """Row 16 dw + c, column 16 dh + 8 (k // 2) + 2 o + k % 2 is weight[o, c, k, dh, dw], the other columns (dh = 3,
+    k = 3, o >= 3) zero; the kept copy follows in-place changes."""
     weight = conv_weight(3, 16)
-    taps = few_outputs_taps(weight, torch.float32).view(3, 3, 16, 4, 4)
-    torch.testing.assert_close(taps[1, 2, :, 2, 0], weight[2, :, 0, 1, 2], rtol=0, atol=0)
-    torch.testing.assert_close(taps[0, 1, :, 1, 2], weight[1, :, 2, 0, 1], rtol=0, atol=0)
-    assert (taps[..., 3, :] == 0).all() and (taps[..., 3] == 0).all()
+    taps = few_outputs_taps(weight, torch.float32)
+    assert taps.shape == (48, 64)
+    torch.testing.assert_close(taps[16 * 2 + 5, 16 * 1 + 8 * 1 + 2 * 2 + 0], weight[2, 5, 2, 1, 2], rtol=0, atol=0)
+    by_tap = taps.view(3, 16, 4, 2, 4, 2).permute(0, 1, 2, 4, 3, 5).reshape(3, 16, 4, 4, 4)  # (dw, c, dh, o, k)
+    expected = torch.zeros(3, 16, 4, 4, 4, device=DEVICE)
+    expected[:, :, :3, :3, :3] = weight.permute(4, 1, 3, 0, 2)
+    torch.testing.assert_close(by_tap, expected, rtol=0, atol=0)
     assert few_outputs_taps(weight, torch.float32) is few_outputs_taps(weight, torch.float32)
     weight.mul_(2.0)
-    torch.testing.assert_close(few_outputs_taps(weight, torch.float32).view(3, 3, 16, 4, 4), 2 * taps)
+    torch.testing.assert_close(few_outputs_taps(weight, torch.float32), 2 * taps)
 
 
 def test_rejects_bad_arguments():
@@ -162,3 +171,7 @@ def test_rejects_bad_arguments():
         few_outputs_conv3d(frames, weight, out=rand(1, 3, 2, 3, 4, dtype=torch.float16))
     with pytest.raises(ValueError, match="bias must hold 3"):
         few_outputs_conv3d(frames, weight, rand(4))
+    with pytest.raises(ValueError, match="block_h must be even and block_w a power of two, got 3 x 8"):
+        few_outputs_conv3d(frames, weight, block_h=3, block_w=8)
+    with pytest.raises(ValueError, match="block_h must be even and block_w a power of two, got 2 x 24"):
+        few_outputs_conv3d(frames, weight, block_h=2, block_w=24)
