@@ -25,11 +25,15 @@ second conv's input directly, and neither the first conv's output nor the norm's
 
 What bounds the 96-channel conv is moving tiles from L2 into shared memory, the input tiles most (a diagnostic copy
 that loads them once per program instead of per K block, wrong on purpose, runs at 636 TFLOP/s instead of 440; the
-weight tiles once, 583). So where the windows are one buffer shifted by a frame (a chunk), a program with at most 96
-output channels computes two output frames: their six time taps read four input frames, each tile loaded once for
-both (1.11x). The two frames' accumulators fill the registers (255 per thread, a few spilled), and with the norm in
-the epilogue this measured 0.98x, so that conv keeps one frame per program. Measured on an H100
-(benchmarks/RESULTS.md).
+weight tiles once, 583). So where the windows are one buffer shifted by a frame (a chunk) and there are 96 output
+channels, a program computes two output frames (`_pair_kernel`): their six time taps read four input frames, each
+tile loaded once for both. The two frames' 192 channels are one pair of accumulators (128 + 64 columns: frame t's 96
+and frame t + 1's first 32, then its last 64) and input frame t + f multiplies a stacked weight [tap f of frame t |
+tap f - 1 of frame t + 1] (zero blocks where a frame takes nothing from it, `pair_taps`): two MMAs per K block, not
+the four that separate 64 + 32 accumulators per frame need, at the cost of 22% of MMA columns spent on zeros. H100,
+bf16, 12 frames at 480x832: 4.65 ms without a residual and 4.96 with one, against 5.02 and 5.16 for four separate
+accumulators and 5.46 / 5.84 for one frame per program; with the norm in the epilogue (255 registers, no spills) 4.94
+ms against 5.50 for the one-frame normed conv (benchmarks/results/conv3d_stacked_pair_session13.txt).
 """
 
 from __future__ import annotations
@@ -56,21 +60,17 @@ def _padded_conv3d_kernel(
     sob, sot, soh, sow,
     norm_scale, norm_eps,
     C: tl.constexpr, KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr, PAIR: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """grid = (cdiv(HP * WP, BLOCK_M), cdiv(CO, BLOCK_N + BLOCK_N2), B * cdiv(T, 1 + PAIR)): BLOCK_M consecutive
-    positions of the padded frame (HP x WP, row-major) of output frame t (and t + 1 with PAIR) of batch b, output
-    channels [n0, n0 + BLOCK_N + BLOCK_N2) in two accumulators (BLOCK_N2 = 0: one). PAIR (KT = 3, the windows one
-    buffer shifted by a frame each): the two frames' six time taps read four input frames, each tile loaded once
-    for both. Positions on the padding ring (and a frame t + 1 = T) are computed and not stored. NORM (one program
+    """grid = (cdiv(HP * WP, BLOCK_M), cdiv(CO, BLOCK_N + BLOCK_N2), B * T): BLOCK_M consecutive positions of the
+    padded frame (HP x WP, row-major) of output frame t of batch b, output channels [n0, n0 + BLOCK_N + BLOCK_N2) in
+    two accumulators (BLOCK_N2 = 0: one). Positions on the padding ring are computed and not stored. NORM (one program
     holds all CO channels): the stored value is silu(rms_norm(conv) * gamma) instead of the conv."""
     pid_m = tl.program_id(0)
     n0 = tl.program_id(1) * (BLOCK_N + BLOCK_N2)
-    TP = (T + PAIR) // (1 + PAIR)
-    bt = tl.program_id(2)
-    b = bt // TP
-    t = (bt % TP) * (1 + PAIR)
+    b = tl.program_id(2) // T
+    t = tl.program_id(2) % T
     WP = W + KW - 1
     FP = (H + KH - 1) * WP
     p0 = pid_m * BLOCK_M
@@ -78,11 +78,61 @@ def _padded_conv3d_kernel(
     acc2 = acc  # unused unless BLOCK_N2 > 0
     if BLOCK_N2 > 0:
         acc2 = tl.zeros((BLOCK_M, BLOCK_N2), dtype=tl.float32)
-    if PAIR:
-        next_acc = acc
-        next_acc2 = acc2
 
-    for f in tl.static_range(KT + PAIR):  # f < KT: window f at frame t; f = KT (PAIR): the last window at t + 1
+    for f in tl.static_range(KT):  # time tap f: window f at frame t
+        if f == 0:
+            desc = x0_desc
+            row0 = b * rows0_b + t * FP
+        elif f == 1:
+            desc = x1_desc
+            row0 = b * rows1_b + t * FP
+        else:
+            desc = x2_desc
+            row0 = b * rows2_b + t * FP
+        row0 += p0 - (KH // 2) * WP - KW // 2  # tap (0, 0) of the tile's first position
+        for i in range(KH * KW * C // BLOCK_K):  # C % BLOCK_K == 0: a K block never straddles two spatial taps
+            tap = (i * BLOCK_K) // C
+            a = desc.load([row0 + (tap // KW) * WP + tap % KW, (i * BLOCK_K) % C])
+            k = f * KH * KW * C + i * BLOCK_K
+            acc = tl.dot(a, w_desc.load([k, n0]), acc)
+            if BLOCK_N2 > 0:
+                acc2 = tl.dot(a, w2_desc.load([k, n0 + BLOCK_N]), acc2)
+
+    _write_frame(acc, acc2, b, t, p0, H, W, CO, n0, bias_ptr, res_ptr, gamma_ptr, out_ptr,
+                 srb, srt, srh, srw, sob, sot, soh, sow, norm_scale, norm_eps,
+                 KH, KW, HAS_BIAS, HAS_RES, NORM, BLOCK_M, BLOCK_N, BLOCK_N2)
+
+
+@triton.jit
+def _pair_kernel(
+    x0_desc, x1_desc, x2_desc, w1_desc, w2_desc, bias_ptr, res_ptr, gamma_ptr, out_ptr,
+    T, H, W, rows0_b, rows1_b, rows2_b,
+    srb, srt, srh, srw,
+    sob, sot, soh, sow,
+    norm_scale, norm_eps,
+    C: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """grid = (cdiv(HP * WP, BLOCK_M), B * cdiv(T, 2)), 3x3x3 taps, PAIR_CO = 96 output channels, the windows one
+    buffer shifted by a frame each: BLOCK_M consecutive positions of the padded frame of output frames t and t + 1 of
+    batch b, all 2 x 96 channels: acc1 = [frame t's 96 | frame t + 1's channels 0..31], acc2 = frame t + 1's channels
+    32..95. Input frame t + f (f = 0..3: window f at frame t for f < 3, the last window at t + 1 for f = 3) times rows
+    f * 9 C .. (f + 1) * 9 C of the stacked weight (`pair_taps`). Stored as `_write_frame` stores (a frame t + 1 = T
+    not stored); NORM: each frame's norm over its own 96 channels (frame t: acc1's blocks 0..2; frame t + 1: block 3
+    and acc2), frame t finished before frame t + 1 is touched (fewer live registers)."""
+    pid_m = tl.program_id(0)
+    TP = (T + 1) // 2
+    b = tl.program_id(1) // TP
+    t = (tl.program_id(1) % TP) * 2
+    WP = W + 2
+    FP = (H + 2) * WP
+    p0 = pid_m * BLOCK_M
+    NK: tl.constexpr = 9 * C // BLOCK_K  # K blocks per input frame (C % BLOCK_K == 0: one spatial tap each)
+    acc1 = tl.zeros((BLOCK_M, 128), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, 64), dtype=tl.float32)
+
+    for f in tl.static_range(4):
+        n_k = NK
         if f == 0:
             desc = x0_desc
             row0 = b * rows0_b + t * FP
@@ -92,46 +142,76 @@ def _padded_conv3d_kernel(
         elif f == 2:
             desc = x2_desc
             row0 = b * rows2_b + t * FP
-        else:
+        else:  # frame t + 1's last tap; none when t + 1 = T (frame t's columns would take 0 x whatever lies there)
             desc = x2_desc
             row0 = b * rows2_b + (t + 1) * FP
-        row0 += p0 - (KH // 2) * WP - KW // 2  # tap (0, 0) of the tile's first position
-        for i in range(KH * KW * C // BLOCK_K):  # C % BLOCK_K == 0: a K block never straddles two spatial taps
+            n_k = NK * tl.minimum(T - 1 - t, 1)
+        row0 += p0 - WP - 1  # tap (0, 0) of the tile's first position
+        for i in range(n_k):
             tap = (i * BLOCK_K) // C
-            a = desc.load([row0 + (tap // KW) * WP + tap % KW, (i * BLOCK_K) % C])
-            if f < KT:  # time tap f of frame t
-                k = f * KH * KW * C + i * BLOCK_K
-                acc = tl.dot(a, w_desc.load([k, n0]), acc)
-                if BLOCK_N2 > 0:
-                    acc2 = tl.dot(a, w2_desc.load([k, n0 + BLOCK_N]), acc2)
-            if PAIR:
-                if f >= 1:  # time tap f - 1 of frame t + 1
-                    k = (f - 1) * KH * KW * C + i * BLOCK_K
-                    next_acc = tl.dot(a, w_desc.load([k, n0]), next_acc)
-                    if BLOCK_N2 > 0:
-                        next_acc2 = tl.dot(a, w2_desc.load([k, n0 + BLOCK_N]), next_acc2)
+            a = desc.load([row0 + (tap // 3) * WP + tap % 3, (i * BLOCK_K) % C])
+            k = f * 9 * C + i * BLOCK_K
+            acc1 = tl.dot(a, w1_desc.load([k, 0]), acc1)
+            if f >= 1:  # f = 0: frame t + 1 takes nothing from input frame t (zero weights)
+                acc2 = tl.dot(a, w2_desc.load([k, 128]), acc2)
 
-    _write_frame(acc, acc2, b, t, T, p0, H, W, CO, n0, bias_ptr, res_ptr, gamma_ptr, out_ptr,
-                 srb, srt, srh, srw, sob, sot, soh, sow, norm_scale, norm_eps,
-                 KH, KW, HAS_BIAS, HAS_RES, NORM, BLOCK_M, BLOCK_N, BLOCK_N2)
-    if PAIR:
-        _write_frame(next_acc, next_acc2, b, t + 1, T, p0, H, W, CO, n0, bias_ptr, res_ptr, gamma_ptr,
-                     out_ptr, srb, srt, srh, srw, sob, sot, soh, sow, norm_scale, norm_eps,
-                     KH, KW, HAS_BIAS, HAS_RES, NORM, BLOCK_M, BLOCK_N, BLOCK_N2)
+    p = p0 + tl.arange(0, BLOCK_M)
+    h = p // WP - 1
+    w = p % WP - 1
+    inside = (p < FP) & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+    inside_next = inside & (p * 0 + t + 1 < T)  # as a vector: the interpreter rejects a mask from a scalar condition
+    pix_o = h.to(tl.int64) * soh + w.to(tl.int64) * sow + b.to(tl.int64) * sob + t.to(tl.int64) * sot
+    pix_r = h.to(tl.int64) * srh + w.to(tl.int64) * srw + b.to(tl.int64) * srb + t.to(tl.int64) * srt
+    lo, hi = _halves(acc1, BLOCK_M, 128)
+    c0, c1 = _halves(lo, BLOCK_M, 64)
+    c2, c3 = _halves(hi, BLOCK_M, 64)
+    offs = tl.arange(0, 32)
+    offs2 = 32 + tl.arange(0, 64)
+    y0 = _conv_value(c0, offs, inside, pix_r, bias_ptr, res_ptr, out_ptr, 96, HAS_BIAS, HAS_RES)
+    y1 = _conv_value(c1, 32 + offs, inside, pix_r, bias_ptr, res_ptr, out_ptr, 96, HAS_BIAS, HAS_RES)
+    y2 = _conv_value(c2, 64 + offs, inside, pix_r, bias_ptr, res_ptr, out_ptr, 96, HAS_BIAS, HAS_RES)
+    if NORM:
+        scale = _norm_scale(tl.sum(y0 * y0, axis=1) + tl.sum(y1 * y1, axis=1) + tl.sum(y2 * y2, axis=1),
+                            norm_scale, norm_eps)
+        y0 = _silu_scaled(y0, scale, gamma_ptr, offs, 96)
+        y1 = _silu_scaled(y1, scale, gamma_ptr, 32 + offs, 96)
+        y2 = _silu_scaled(y2, scale, gamma_ptr, 64 + offs, 96)
+    _store(y0, offs, inside, pix_o, out_ptr, 96)
+    _store(y1, 32 + offs, inside, pix_o, out_ptr, 96)
+    _store(y2, 64 + offs, inside, pix_o, out_ptr, 96)
+    y3 = _conv_value(c3, offs, inside_next, pix_r + srt, bias_ptr, res_ptr, out_ptr, 96, HAS_BIAS, HAS_RES)
+    y4 = _conv_value(acc2, offs2, inside_next, pix_r + srt, bias_ptr, res_ptr, out_ptr, 96, HAS_BIAS, HAS_RES)
+    if NORM:
+        scale = _norm_scale(tl.sum(y3 * y3, axis=1) + tl.sum(y4 * y4, axis=1), norm_scale, norm_eps)
+        y3 = _silu_scaled(y3, scale, gamma_ptr, offs, 96)
+        y4 = _silu_scaled(y4, scale, gamma_ptr, offs2, 96)
+    _store(y3, offs, inside_next, pix_o + sot, out_ptr, 96)
+    _store(y4, offs2, inside_next, pix_o + sot, out_ptr, 96)
 
 
 @triton.jit
-def _write_frame(acc, acc2, b, t, T, p0, H, W, CO, n0, bias_ptr, res_ptr, gamma_ptr, out_ptr,
+def _halves(x, BLOCK_M: tl.constexpr, N: tl.constexpr):
+    """The column halves (BLOCK_M x N / 2 each) of a BLOCK_M x N tile."""
+    return tl.split(tl.permute(tl.reshape(x, (BLOCK_M, 2, N // 2)), (0, 2, 1)))
+
+
+@triton.jit
+def _norm_scale(squares, norm_scale, norm_eps):
+    """Per position: sqrt(CO) / max(||y||_2, eps), from the sum of squares over the position's CO channels."""
+    return norm_scale / tl.maximum(tl.sqrt(squares), norm_eps)
+
+
+@triton.jit
+def _write_frame(acc, acc2, b, t, p0, H, W, CO, n0, bias_ptr, res_ptr, gamma_ptr, out_ptr,
                  srb, srt, srh, srw, sob, sot, soh, sow, norm_scale, norm_eps,
                  KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                  NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N2: tl.constexpr):
-    """Store output frame t's tile (if t < T): bias, residual and the norm applied to the two accumulators."""
+    """Store output frame t's tile: bias, residual and the norm applied to the two accumulators."""
     WP = W + KW - 1
     p = p0 + tl.arange(0, BLOCK_M)
     h = p // WP - KH // 2
     w = p % WP - KW // 2
     inside = (p < (H + KH - 1) * WP) & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-    inside &= p * 0 + t < T  # as a vector: Triton's interpreter rejects a mask made with a scalar condition
     h64 = h.to(tl.int64)
     w64 = w.to(tl.int64)
     pix_o = h64 * soh + w64 * sow + b.to(tl.int64) * sob + t.to(tl.int64) * sot
@@ -145,7 +225,7 @@ def _write_frame(acc, acc2, b, t, T, p0, H, W, CO, n0, bias_ptr, res_ptr, gamma_
         squares = tl.sum(y * y, axis=1)
         if BLOCK_N2 > 0:
             squares += tl.sum(y2 * y2, axis=1)
-        scale = norm_scale / tl.maximum(tl.sqrt(squares), norm_eps)
+        scale = _norm_scale(squares, norm_scale, norm_eps)
         y = _silu_scaled(y, scale, gamma_ptr, offs_n, CO)
         if BLOCK_N2 > 0:
             y2 = _silu_scaled(y2, scale, gamma_ptr, offs_n2, CO)
@@ -196,6 +276,28 @@ def tap_major(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return taps
 
 
+PAIR_CO = 96  # output channels of the two-frame kernel: 2 x 96 = 128 + 64 accumulator columns
+_PAIR_TAPS = WeakIdKeyDictionary()  # weight -> ((its storage, version counter, dtype), stacked matrix)
+
+
+def pair_taps(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A 3x3x3 conv weight (CO, C, 3, 3, 3) as the (4 * 9 C, 2 CO) matrix `_pair_kernel` reads: rows f * 9 C .. =
+    [time tap f for frame t (zeros for f = 3) | tap f - 1 for frame t + 1 (zeros for f = 0)], each tap laid out as
+    `tap_major`'s; kept like it."""
+    key = (weight.data_ptr(), weight._version, dtype)
+    kept = _PAIR_TAPS.get(weight)
+    if kept is not None and kept[0] == key:
+        return kept[1]
+    CO, C = weight.shape[:2]
+    taps = tap_major(weight, dtype).view(3, 9 * C, CO)
+    stacked = torch.zeros(4, 9 * C, 2 * CO, dtype=dtype, device=weight.device)
+    stacked[:3, :, :CO] = taps
+    stacked[1:, :, CO:] = taps
+    stacked = stacked.view(4 * 9 * C, 2 * CO)
+    _PAIR_TAPS[weight] = (key, stacked)
+    return stacked
+
+
 def _blocks(C: int, CO: int) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_N2, BLOCK_K) for C inputs and CO outputs: CO as `channel_blocks` covers it; BLOCK_K the
     largest of 64, 32, 16 dividing C (a multiple of 16)."""
@@ -232,7 +334,7 @@ def padded_conv3d(
     block_m: int = 128,
     block_n: int | None = None,
     num_warps: int = 4,
-    num_stages: int = 4,
+    num_stages: int | None = None,
     pair_frames: bool = True,
 ) -> torch.Tensor:
     """out[:, :, t] = sum_k conv2d(windows[k][:, t], weight[:, :, k]) (+ bias) (+ residual), all kt * kh * kw * C
@@ -246,9 +348,10 @@ def padded_conv3d(
     receives silu(y / max(||y||, norm_eps) * sqrt(CO) * gain) with y the conv (+ bias + residual) rounded to the
     windows' dtype and the norm over channels (the VAE's RMSNorm before its next conv), so the conv itself is never
     written. ``block_m``, ``block_n`` (one accumulator of that many output channels instead of the default split),
-    ``num_warps``, ``num_stages``: launch settings, for tuning. ``pair_frames``: two output frames per program where the
-    windows are one buffer shifted by a frame each, at most 96 output channels are computed per program and no norm
-    is applied (each input tile loaded once for both frames; see the module docstring). Returns ``out``.
+    ``num_warps``, ``num_stages`` (default 4, 3 with two frames per program: each the faster on an H100): launch
+    settings, for tuning. ``pair_frames``: two output frames per program (`_pair_kernel`) where the windows are one
+    buffer shifted by a frame each, the kernel is 3x3x3 with 96 output channels and no ``block_n`` is given, with or
+    without the norm (each input tile loaded once for both frames; see the module docstring). Returns ``out``.
     """
     if weight.dim() != 5:
         raise ValueError(f"weight must be (CO, C, kt, kh, kw), got {tuple(weight.shape)}")
@@ -279,7 +382,9 @@ def padded_conv3d(
     block_n, block_n2, block_k = _blocks(C, CO) if block_n is None else (block_n, 0, _blocks(C, CO)[2])
     if norm_silu is not None and not fuses_norm(C, CO):
         raise ValueError(f"norm_silu needs at most 128 output channels, all in one program (fuses_norm), got {CO}")
-    taps = tap_major(weight, x.dtype)
+    pair = (pair_frames and CO == PAIR_CO and (kt, kh, kw) == (3, 3, 3) and block_n == _blocks(C, CO)[0]
+            and _one_buffer(windows))
+    taps = pair_taps(weight, x.dtype) if pair else tap_major(weight, x.dtype)
     if out is None:
         out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
     check_tensors(*windows, taps, bias, residual, norm_silu, out)
@@ -289,21 +394,22 @@ def padded_conv3d(
     # each window as (rows, C): batch b's frame t, padded position p is row b * stride(0) / C + t * HP * WP + p
     descs = [TensorDescriptor(win, [(B - 1) * win.stride(0) // C + T * HP * WP, C], [C, 1], [block_m, block_k])
              for win in padded]
-    w_descs = [TensorDescriptor(taps, list(taps.shape), [CO, 1], [block_k, n]) for n in (block_n, block_n2 or block_n)]
+    widths = (128, 64) if pair else (block_n, block_n2 or block_n)
+    w_descs = [TensorDescriptor(taps, list(taps.shape), [taps.shape[1], 1], [block_k, n]) for n in widths]
     res = residual if residual is not None else out
-    pair = pair_frames and norm_silu is None and block_n + block_n2 <= 96 and _one_buffer(windows)
-    grid = (triton.cdiv(HP * WP, block_m), triton.cdiv(CO, block_n + block_n2), B * triton.cdiv(T, 1 + pair))
-    _padded_conv3d_kernel[grid](
-        *descs, *w_descs, bias if bias is not None else taps, res, norm_silu if norm_silu is not None else taps, out,
-        T, H, W, CO, *(win.stride(0) // C for win in padded),
-        res.stride(0), res.stride(2), res.stride(3), res.stride(4),
-        out.stride(0), out.stride(2), out.stride(3), out.stride(4),
-        float(CO) ** 0.5, float(norm_eps),
-        C=C, KT=kt, KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-        NORM=norm_silu is not None, PAIR=pair,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_N2=block_n2, BLOCK_K=block_k,
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    args = (bias if bias is not None else taps, res, norm_silu if norm_silu is not None else taps, out)
+    strides = (res.stride(0), res.stride(2), res.stride(3), res.stride(4),
+               out.stride(0), out.stride(2), out.stride(3), out.stride(4), float(CO) ** 0.5, float(norm_eps))
+    flags = dict(C=C, HAS_BIAS=bias is not None, HAS_RES=residual is not None, NORM=norm_silu is not None)
+    if pair:
+        _pair_kernel[(triton.cdiv(HP * WP, block_m), B * triton.cdiv(T, 2))](
+            *descs, *w_descs, *args, T, H, W, *(win.stride(0) // C for win in padded), *strides, **flags,
+            BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages or 3)
+        return out
+    _padded_conv3d_kernel[(triton.cdiv(HP * WP, block_m), triton.cdiv(CO, block_n + block_n2), B * T)](
+        *descs, *w_descs, *args, T, H, W, CO, *(win.stride(0) // C for win in padded), *strides, **flags,
+        KT=kt, KH=kh, KW=kw, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_N2=block_n2, BLOCK_K=block_k,
+        num_warps=num_warps, num_stages=num_stages or 4)
     return out
 
 
