@@ -60,7 +60,7 @@ def _padded_conv3d_kernel(
     sob, sot, soh, sow,
     norm_scale, norm_eps,
     C: tl.constexpr, KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """grid = (cdiv(HP * WP, BLOCK_M), cdiv(CO, BLOCK_N + BLOCK_N2), B * T): BLOCK_M consecutive positions of the
@@ -94,9 +94,9 @@ def _padded_conv3d_kernel(
             tap = (i * BLOCK_K) // C
             a = desc.load([row0 + (tap // KW) * WP + tap % KW, (i * BLOCK_K) % C])
             k = f * KH * KW * C + i * BLOCK_K
-            acc = tl.dot(a, w_desc.load([k, n0]), acc)
+            acc = tl.dot(a, w_desc.load([k, n0]), acc, input_precision=PRECISION)
             if BLOCK_N2 > 0:
-                acc2 = tl.dot(a, w2_desc.load([k, n0 + BLOCK_N]), acc2)
+                acc2 = tl.dot(a, w2_desc.load([k, n0 + BLOCK_N]), acc2, input_precision=PRECISION)
 
     _write_frame(acc, acc2, b, t, p0, H, W, CO, n0, bias_ptr, res_ptr, gamma_ptr, out_ptr,
                  srb, srt, srh, srw, sob, sot, soh, sow, norm_scale, norm_eps,
@@ -110,7 +110,7 @@ def _pair_kernel(
     srb, srt, srh, srw,
     sob, sot, soh, sow,
     norm_scale, norm_eps,
-    C: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr,
+    C: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """grid = (cdiv(HP * WP, BLOCK_M), B * cdiv(T, 2)), 3x3x3 taps, PAIR_CO = 96 output channels, the windows one
@@ -151,9 +151,9 @@ def _pair_kernel(
             tap = (i * BLOCK_K) // C
             a = desc.load([row0 + (tap // 3) * WP + tap % 3, (i * BLOCK_K) % C])
             k = f * 9 * C + i * BLOCK_K
-            acc1 = tl.dot(a, w1_desc.load([k, 0]), acc1)
+            acc1 = tl.dot(a, w1_desc.load([k, 0]), acc1, input_precision=PRECISION)
             if f >= 1:  # f = 0: frame t + 1 takes nothing from input frame t (zero weights)
-                acc2 = tl.dot(a, w2_desc.load([k, 128]), acc2)
+                acc2 = tl.dot(a, w2_desc.load([k, 128]), acc2, input_precision=PRECISION)
 
     p = p0 + tl.arange(0, BLOCK_M)
     h = p // WP - 1
@@ -338,7 +338,7 @@ def padded_conv3d(
     pair_frames: bool = True,
 ) -> torch.Tensor:
     """out[:, :, t] = sum_k conv2d(windows[k][:, t], weight[:, :, k]) (+ bias) (+ residual), all kt * kh * kw * C
-    products of a value summed in fp32 and rounded once.
+    products of a value summed in fp32 and rounded once (fp32 inputs: full fp32 products, not tf32).
 
     windows: kt tensors (B, T, H + kh - 1, W + kw - 1, C), frames already zero-padded in space (a zero ring the
     conv's padding reads), each frame's rows and pixels dense (strides ((H + kh - 1)(W + kw - 1) C, (W + kw - 1) C,
@@ -400,7 +400,8 @@ def padded_conv3d(
     args = (bias if bias is not None else taps, res, norm_silu if norm_silu is not None else taps, out)
     strides = (res.stride(0), res.stride(2), res.stride(3), res.stride(4),
                out.stride(0), out.stride(2), out.stride(3), out.stride(4), float(CO) ** 0.5, float(norm_eps))
-    flags = dict(C=C, HAS_BIAS=bias is not None, HAS_RES=residual is not None, NORM=norm_silu is not None)
+    flags = dict(C=C, HAS_BIAS=bias is not None, HAS_RES=residual is not None, NORM=norm_silu is not None,
+                 PRECISION="ieee" if x.dtype == torch.float32 else "tf32")  # fp32 products exact; 16-bit: unused
     if pair:
         _pair_kernel[(triton.cdiv(HP * WP, block_m), B * triton.cdiv(T, 2))](
             *descs, *w_descs, *args, T, H, W, *(win.stride(0) // C for win in padded), *strides, **flags,
