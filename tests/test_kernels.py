@@ -646,7 +646,7 @@ def test_padded_conv3d_two_frames_per_program(t, norm):
 def test_padded_conv3d_weight_copy_follows_the_weight():
     """The tap-major copy kept per weight is made again when the weight changes in place or is replaced."""
     frames = [padded_frames(1, 1, 3, 4, 16) for _ in range(3)]
-    weight = torch.nn.Conv3d(16, 16, 3, bias=False).weight
+    weight = torch.nn.Conv3d(16, 16, 3, bias=False, device=DEVICE).weight
     with torch.no_grad():
         first = padded_conv3d(frames, weight)
         torch.testing.assert_close(padded_conv3d(frames, weight), first, rtol=0, atol=0)  # the kept copy
