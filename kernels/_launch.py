@@ -8,10 +8,13 @@ first imported. The launchers read the same variable once at import so that they
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 
 import torch
 import triton
+from torch.utils.weak import WeakIdKeyDictionary
 
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 """True when the kernels in this package were decorated in interpreter mode (CPU tensors, numpy semantics)."""
@@ -53,3 +56,21 @@ def channel_blocks(CO: int) -> tuple[int, int]:
     if CO % 96 == 0:
         return 64, 32
     return min(pow2(CO), 128), 0
+
+
+def kept_per_weight(make: Callable[[torch.Tensor, torch.dtype], torch.Tensor]):
+    """`make(weight, dtype)` (a kernel's copy of a weight in its own layout and dtype), kept per weight while the
+    weight lives with the same storage and version counter (no in-place change, no `.to()`), so a decode does not copy
+    each conv's weight at every call (a launch each: host time on one-frame decode passes)."""
+    kept = WeakIdKeyDictionary()  # weight -> ((its storage, version counter, dtype), copy)
+
+    @functools.wraps(make)
+    def copy(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        key = (weight.data_ptr(), weight._version, dtype)
+        entry = kept.get(weight)
+        if entry is None or entry[0] != key:
+            entry = kept[weight] = (key, make(weight, dtype))
+        return entry[1]
+
+    copy.kept = kept  # the weights with a copy, for tests
+    return copy

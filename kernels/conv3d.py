@@ -43,10 +43,9 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
-from torch.utils.weak import WeakIdKeyDictionary
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._launch import channel_blocks, check_tensors
+from ._launch import channel_blocks, check_tensors, kept_per_weight
 from .vae_ops import channel_rms_norm_reference
 
 __all__ = ["fuses_norm", "padded_conv3d", "padded_conv3d_reference"]
@@ -260,42 +259,27 @@ def _store(y, offs_n, inside, pix_o, out_ptr, CO):
     tl.store(out_ptr + pix_o[:, None] + offs_n[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-_TAPS = WeakIdKeyDictionary()  # weight -> ((its storage, version counter, dtype), tap-major copy)
-
-
+@kept_per_weight
 def tap_major(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A conv weight (CO, C, kt, kh, kw) as the (kt * kh * kw * C, CO) matrix in `dtype` the kernel reads: a copy,
-    kept while the weight lives with the same storage and version counter (no in-place change, no `.to()`), so a
-    decode does not copy each conv's weight at every call (a launch each: host time on one-frame passes)."""
-    key = (weight.data_ptr(), weight._version, dtype)
-    kept = _TAPS.get(weight)
-    if kept is not None and kept[0] == key:
-        return kept[1]
-    taps = weight.detach().to(dtype).permute(2, 3, 4, 1, 0).reshape(-1, weight.shape[0]).contiguous()
-    _TAPS[weight] = (key, taps)
-    return taps
+    """A conv weight (CO, C, kt, kh, kw) as the (kt * kh * kw * C, CO) matrix in `dtype` the kernel reads (a copy kept
+    per weight, `kept_per_weight`)."""
+    return weight.detach().to(dtype).permute(2, 3, 4, 1, 0).reshape(-1, weight.shape[0]).contiguous()
 
 
 PAIR_CO = 96  # output channels of the two-frame kernel: 2 x 96 = 128 + 64 accumulator columns
-_PAIR_TAPS = WeakIdKeyDictionary()  # weight -> ((its storage, version counter, dtype), stacked matrix)
 
 
+@kept_per_weight
 def pair_taps(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A 3x3x3 conv weight (CO, C, 3, 3, 3) as the (4 * 9 C, 2 CO) matrix `_pair_kernel` reads: rows f * 9 C .. =
     [time tap f for frame t (zeros for f = 3) | tap f - 1 for frame t + 1 (zeros for f = 0)], each tap laid out as
     `tap_major`'s; kept like it."""
-    key = (weight.data_ptr(), weight._version, dtype)
-    kept = _PAIR_TAPS.get(weight)
-    if kept is not None and kept[0] == key:
-        return kept[1]
     CO, C = weight.shape[:2]
     taps = tap_major(weight, dtype).view(3, 9 * C, CO)
     stacked = torch.zeros(4, 9 * C, 2 * CO, dtype=dtype, device=weight.device)
     stacked[:3, :, :CO] = taps
     stacked[1:, :, CO:] = taps
-    stacked = stacked.view(4 * 9 * C, 2 * CO)
-    _PAIR_TAPS[weight] = (key, stacked)
-    return stacked
+    return stacked.view(4 * 9 * C, 2 * CO)
 
 
 def _blocks(C: int, CO: int) -> tuple[int, int, int]:

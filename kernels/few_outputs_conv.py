@@ -47,10 +47,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.utils.weak import WeakIdKeyDictionary
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._launch import check_tensors
+from ._launch import check_tensors, kept_per_weight
 
 __all__ = ["MAX_OUTPUTS", "few_outputs_conv3d", "few_outputs_conv3d_reference", "few_outputs_taps"]
 
@@ -178,26 +177,17 @@ def _time_taps(s, BLOCK_W: tl.constexpr):
     return tap0, tap1, tap2
 
 
-_TAPS = WeakIdKeyDictionary()  # weight -> ((its storage, version counter, dtype), shift-major copy)
-
-
+@kept_per_weight
 def few_outputs_taps(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A weight (CO, C, 3, 3, 3) as the (3 * C, 64) matrix in `dtype` the kernel reads: row C * dw + c (horizontal
     tap dw = 0, 1, 2), column 16 * dh + 8 * (k // 2) + 2 * o + k % 2 = weight[o, c, k, dh, dw], the other columns
-    (dh = 3, k = 3, o >= CO) zero. A copy, kept while the weight lives with the same storage and version counter (as
-    `kernels.conv3d.tap_major`), so a decode does not copy it at every chunk."""
-    key = (weight.data_ptr(), weight._version, dtype)
-    kept = _TAPS.get(weight)
-    if kept is not None and kept[0] == key:
-        return kept[1]
+    (dh = 3, k = 3, o >= CO) zero (a copy kept per weight, `kept_per_weight`)."""
     o, c = weight.shape[:2]
     taps = torch.zeros((3, c, 4, 2, MAX_OUTPUTS, 2), dtype=dtype, device=weight.device)  # (dw, c, dh, k//2, o, k%2)
     by_shift = weight.detach().permute(4, 1, 3, 0, 2)  # (dw, c, dh, o, k)
     for k in range(3):
         taps[:, :, :3, k // 2, :o, k % 2] = by_shift[..., k]
-    taps = taps.view(3 * c, 64)
-    _TAPS[weight] = (key, taps)
-    return taps
+    return taps.view(3 * c, 64)
 
 
 def few_outputs_conv3d(

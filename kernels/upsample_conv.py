@@ -29,10 +29,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.utils.weak import WeakIdKeyDictionary
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._launch import channel_blocks, check_tensors, pow2
+from ._launch import channel_blocks, check_tensors, kept_per_weight, pow2
 
 __all__ = ["phase_taps", "phase_weights", "upsample2x_conv2d", "upsample2x_conv2d_reference"]
 
@@ -92,9 +91,6 @@ def _store(acc, offs_n, inside, pix, bias_ptr, out_ptr, CO, HAS_BIAS: tl.constex
     tl.store(out_ptr + pix[:, None] + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-_TAPS = WeakIdKeyDictionary()  # weight -> ((its storage, version counter, dtype), phase tap matrix)
-
-
 def _phase_sums(k: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A 3-tap kernel along `dim` as the two 2-tap kernels of the upsampled conv's even and odd outputs."""
     t0, t1, t2 = k.unbind(dim)
@@ -109,18 +105,13 @@ def phase_weights(weight: torch.Tensor) -> torch.Tensor:
     return torch.stack([kb for ka in _phase_sums(w, 2) for kb in _phase_sums(ka, 3)])
 
 
+@kept_per_weight
 def phase_taps(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`phase_weights` as the (4 phases * 2 * 2 taps * C, O) matrix in `dtype` the kernel reads: phase (a, b) =
-    2a + b, tap (u, v), channel c at row ((2a + b) * 4 + 2u + v) * C + c, rounded once. A copy, kept while the weight
-    lives with the same storage and version counter (no in-place change, no `.to()`)."""
-    key = (weight.data_ptr(), weight._version, dtype)
-    kept = _TAPS.get(weight)
-    if kept is not None and kept[0] == key:
-        return kept[1]
+    2a + b, tap (u, v), channel c at row ((2a + b) * 4 + 2u + v) * C + c, rounded once (a copy kept per weight,
+    `kept_per_weight`)."""
     w4 = phase_weights(weight.detach())  # (4, O, C, 2, 2)
-    taps = w4.to(dtype).permute(0, 3, 4, 2, 1).reshape(16 * weight.shape[1], weight.shape[0]).contiguous()
-    _TAPS[weight] = (key, taps)
-    return taps
+    return w4.to(dtype).permute(0, 3, 4, 2, 1).reshape(16 * weight.shape[1], weight.shape[0]).contiguous()
 
 
 def _tile_width(H: int, W: int, block_m: int) -> int:

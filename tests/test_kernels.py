@@ -632,7 +632,7 @@ def test_padded_conv3d_two_frames_per_program(t, norm, residual):
                       block_m=32)
         assert (out[:, :, t] == 7.0).all()  # the frame after the last is not written
         outs.append(out[:, :, :t])
-    assert weight in conv3d._PAIR_TAPS  # the two-frame kernel ran
+    assert weight in conv3d.pair_taps.kept  # the two-frame kernel ran
     # without the norm the same sums in the same order; the norm's squares are summed in other groups of channels
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-6 if norm else 0, atol=1e-6 if norm else 0)
     ref = padded_conv3d_reference(f64(*windows), weight.double(), *f64(bias, r), norm_silu=f64(gamma)[0])
@@ -640,7 +640,7 @@ def test_padded_conv3d_two_frames_per_program(t, norm, residual):
     weight48 = rand(48, c, 3, 3, 3, scale=(27 * c) ** -0.5)
     torch.testing.assert_close(padded_conv3d(windows, weight48, block_m=32).double(),
                                padded_conv3d_reference(f64(*windows), weight48.double()), rtol=1e-5, atol=1e-5)
-    assert weight48 not in conv3d._PAIR_TAPS
+    assert weight48 not in conv3d.pair_taps.kept
 
 
 def test_padded_conv3d_weight_copy_follows_the_weight():
