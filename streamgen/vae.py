@@ -325,17 +325,17 @@ class CausalConv3d(nn.Conv3d):
                      and (not x.is_cuda or fmt == torch.channels_last_3d))  # not CUDA channels-first
         implicit = (_triton_convs and _fused(x) and fmt == torch.channels_last_3d and self.kernel_size == (3, 3, 3)
                     and self.stride == (1, 1, 1) and self.groups == 1 and c % 16 == 0)
-        few_outputs = self.out_channels <= FEW_OUTPUTS  # it keeps partial sums of its next outputs, not frames
+        few_outputs = self.out_channels <= FEW_OUTPUTS
         del x  # a tensor `fill` reads must not outlive it here
         past = cache.past.get(self) if cache is not None else None  # what the previous chunk left (None: the start)
         if implicit and few_outputs:
             return self._few_outputs_conv((b, c, t, h, w), like, fill, cache, past, residual, then_norm)
         if implicit and self.out_channels % 16 == 0:
             return self._padded_conv((b, c, t, h, w), like, fill, cache, past, residual, then_norm)
-        few_outputs = few_outputs and by_frames
-        if past is None and not few_outputs:  # the video start
+        sums = few_outputs and by_frames  # it keeps partial sums of its next outputs, not frames
+        if past is None and not sums:  # the video start
             past = (torch.empty((b, c, 1, h, w), **like, memory_format=fmt).zero_(),) * p
-        if few_outputs:
+        if sums:
             new = torch.empty((b, c, t, h, w), **like, memory_format=fmt)
             fill(new)
             out, pending = few_outputs_by_frames(new, self.weight, self.bias, self.padding[1:], past)
@@ -744,8 +744,9 @@ class WanVAE(nn.Module):
         self.memory_format = torch.contiguous_format  # of activations (and conv weights); see to_channels_last
         # Most video frames a decoder pass holds at full resolution (None: a whole chunk); the low-resolution
         # blocks take the latent frames that make them. Memory grows with it, and speed a little (an H100 decoding
-        # 81 frames of 480x832 in 3-latent chunks peaks 6.0 GiB above the weights in 0.61 s; 4 frames per pass
-        # 3.4 GiB in 0.67 s, 1 frame 2.1 GiB in 0.68 s; 1.7 GiB of it is the kept frames, whatever the pass).
+        # 81 frames of 480x832 in 3-latent chunks peaks 6.0 GiB above the weights in 0.56 s; 4 frames per pass
+        # 3.4 GiB in 0.64 s, 1 frame 2.1 GiB in 0.66-0.78 s, bound by the host; 1.7 GiB of it is the kept frames,
+        # whatever the pass).
         self.decode_pass_frames: int | None = None
         self._stats: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
