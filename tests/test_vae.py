@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import weakref
 
 import numpy as np
 import pytest
@@ -413,7 +414,8 @@ def test_decode_in_smaller_passes_equals_whole_decode(vae, pass_frames):
     whole = vae.decode(z, latents_per_chunk=None)
     decoder = vae.stream_decoder()
     seen = []  # frames per call of the full-resolution blocks
-    hook = vae.decoder.up_blocks[-1].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[2]))
+    first = vae.decoder.up_blocks[-1].resnets[0]
+    hook = first.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[2]))
     try:
         vae.decode_pass_frames = pass_frames
         parts = [decoder.decode(chunk) for chunk in z.split([1, 3, 3], dim=2)]
@@ -425,6 +427,33 @@ def test_decode_in_smaller_passes_equals_whole_decode(vae, pass_frames):
     assert max(seen) <= pass_frames and sum(seen) == 2 * 25  # every frame once per decode
     torch.testing.assert_close(torch.cat(parts, 2), whole, rtol=0, atol=2e-5)
     torch.testing.assert_close(whole_in_passes, whole, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("pass_frames", [None, 2])
+def test_decoder_frees_each_layers_input_once_the_next_layer_runs(vae, pass_frames):
+    # Nothing but the layer loop may hold an activation: a block's input kept alive through the block's later
+    # layers is a whole chunk of full-resolution frames on the GPU.
+    previous = []  # a weak reference to the last layer's input
+    dead = []
+
+    def check(module, args):
+        if previous:
+            dead.append(previous[0]() is None)
+        previous[:] = [weakref.ref(args[0])]
+
+    decoder = vae.decoder
+    hooks = [m.register_forward_pre_hook(check) for m in decoder.low_res_layers + decoder.per_frame_layers]
+    try:
+        vae.decode_pass_frames = pass_frames
+        stream = vae.stream_decoder()
+        for chunk in latents(4).split([1, 3], dim=2):
+            stream.decode(chunk)
+    finally:
+        vae.decode_pass_frames = None
+        for h in hooks:
+            h.remove()
+    layers = len(decoder.low_res_layers) + len(decoder.per_frame_layers)
+    assert len(dead) >= 2 * layers - 1 and all(dead)
 
 
 def test_decode_pass_size_must_be_positive(vae):
