@@ -137,11 +137,15 @@ def main(argv=None) -> int:
               f"{unit} (graph {fmt(row['base_graph_ms'], '.4f', 8)} ms)   err {row['max_abs_err']:.2e} "
               f"(rel {row['rel_err']:.1e}) torch err {row['base_max_abs_err']:.2e}", flush=True)
 
-    def mem_row(name, shape, nbytes, kernel_fn, base_fn, ref, extra=None) -> None:
-        out, base = kernel_fn(), base_fn()
-        e, be = errors(out, ref), errors(base, ref)
-        report({"name": name, "shape": shape, "unit": "TB/s", "bytes": nbytes, **timings(kernel_fn, base_fn, nbytes),
-                **e, "base_max_abs_err": be["max_abs_err"], "base_rel_err": be["rel_err"], **(extra or {})})
+    def compared(name, shape, unit, amount, kernel_fn, base_fn, e, be, **extra) -> None:
+        """A row of kernel_fn against base_fn, both timed; e / be: their errors against the reference; amount:
+        bytes moved (unit TB/s) or floating-point operations (TFLOP/s)."""
+        report({"name": name, "shape": shape, "unit": unit, "bytes" if unit == "TB/s" else "flops": amount,
+                **timings(kernel_fn, base_fn, amount), **e, "base_max_abs_err": be["max_abs_err"],
+                "base_rel_err": be["rel_err"], **extra})
+
+    def mem_row(name, shape, nbytes, kernel_fn, base_fn, ref) -> None:
+        compared(name, shape, "TB/s", nbytes, kernel_fn, base_fn, errors(kernel_fn(), ref), errors(base_fn(), ref))
 
     print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
           f"model {args.model} (H={H}, d={d})  {args.dtype}", flush=True)
@@ -230,17 +234,11 @@ def main(argv=None) -> int:
             seen = lq * lk if kv_limit is None else int(kv_limit.long().sum())
             flops = 4 * B * H * d * seen
             shape = f"q({B},{lq},{H},{d}) k({lk})"
-            t = timings(lambda: chunk_attention(q, k, v, kv_limit), library, flops)
-            report({"name": name, "shape": shape, "unit": "TFLOP/s", "flops": flops, **t,
-                    **e, "base_max_abs_err": be["max_abs_err"], "base_rel_err": be["rel_err"],
-                    "config": str(best) if best is not None else None})
-            t = timings(cudnn_aligned, library, flops)
-            report({"name": f"{name}, cudnn", "shape": shape, "unit": "TFLOP/s", "flops": flops, **t, **ce,
-                    "base_max_abs_err": be["max_abs_err"], "base_rel_err": be["rel_err"]})
+            compared(name, shape, "TFLOP/s", flops, lambda: chunk_attention(q, k, v, kv_limit), library, e, be,
+                     config=str(best) if best is not None else None)
+            compared(f"{name}, cudnn", shape, "TFLOP/s", flops, cudnn_aligned, library, ce, be)
             if blocks is None:
-                t = timings(cudnn_apart, library, flops)
-                report({"name": f"{name}, cudnn apart", "shape": shape, "unit": "TFLOP/s", "flops": flops, **t,
-                        **ae, "base_max_abs_err": be["max_abs_err"], "base_rel_err": be["rel_err"]})
+                compared(f"{name}, cudnn apart", shape, "TFLOP/s", flops, cudnn_apart, library, ae, be)
             del os.environ["STREAMGEN_ATTENTION"]
 
         for cf in args.compressed_frames:
@@ -283,13 +281,11 @@ def main(argv=None) -> int:
             one = errors(ours(pair_frames=False), ref) if o <= 96 else None  # o <= 96: two frames per program
             del ref
             flops = 2 * B * o * t * h * w * 27 * c
-            report({"name": f"vae conv {c}->{o} (cuDNN {name})", "shape": f"({B},{c},{t}+2,{h},{w})",
-                    "unit": "TFLOP/s", "flops": flops, **timings(ours, library, flops), **e,
-                    "base_max_abs_err": be["max_abs_err"], "base_rel_err": be["rel_err"]})
+            shape = f"({B},{c},{t}+2,{h},{w})"
+            compared(f"vae conv {c}->{o} (cuDNN {name})", shape, "TFLOP/s", flops, ours, library, e, be)
             if one is not None:  # the same conv with one output frame per program
-                report({"name": f"vae conv {c}->{o} (one frame per program)", "shape": f"({B},{c},{t}+2,{h},{w})",
-                        "unit": "TFLOP/s", "flops": flops, **timings(ours, partial(ours, pair_frames=False), flops),
-                        **e, "base_max_abs_err": one["max_abs_err"], "base_rel_err": one["rel_err"]})
+                compared(f"vae conv {c}->{o} (one frame per program)", shape, "TFLOP/s", flops, ours,
+                         partial(ours, pair_frames=False), e, one)
             if fuses_norm(c, o):  # the next norm + SiLU in the epilogue vs the same conv, then the norm kernel
                 gamma = torch.randn(o, 1, 1, 1, device=dev, dtype=dtype)
                 nxt = torch.zeros(B, t, h + 2, w + 2, o, device=dev, dtype=dtype)  # the next conv's padded frames
@@ -306,9 +302,7 @@ def main(argv=None) -> int:
 
                 e, be = errors(fused().clone(), ref), errors(apart().clone(), ref)
                 del ref
-                report({"name": f"vae conv {c}->{o} + norm (apart)", "shape": f"({B},{c},{t}+2,{h},{w})",
-                        "unit": "TFLOP/s", "flops": flops, **timings(fused, apart, flops), **e,
-                        "base_max_abs_err": be["max_abs_err"], "base_rel_err": be["rel_err"]})
+                compared(f"vae conv {c}->{o} + norm (apart)", shape, "TFLOP/s", flops, fused, apart, e, be)
                 del nxt, inside
             del buf, padded, windows
         # the 2x upsamplers (nearest 2x + 3x3 conv) of a 3-latent chunk: the Triton phase GEMMs writing the
@@ -329,11 +323,8 @@ def main(argv=None) -> int:
 
                 e, be = errors(upsample2x_conv2d(x, conv.weight, conv.bias), ref), errors(library(), ref)
                 flops = 2 * n * o * 4 * h * w * 4 * c
-                report({"name": f"vae upsample conv {c}->{o} (cuDNN)", "shape": f"({n},{c},{h},{w})",
-                        "unit": "TFLOP/s", "flops": flops,
-                        **timings(lambda x=x, conv=conv: upsample2x_conv2d(x, conv.weight, conv.bias), library,
-                                  flops),
-                        **e, "base_max_abs_err": be["max_abs_err"], "base_rel_err": be["rel_err"]})
+                compared(f"vae upsample conv {c}->{o} (cuDNN)", f"({n},{c},{h},{w})", "TFLOP/s", flops,
+                         lambda x=x, conv=conv: upsample2x_conv2d(x, conv.weight, conv.bias), library, e, be)
             del x, conv, ref
         # the RGB conv (96 -> 3) of a 12-frame chunk at full resolution: one Triton pass over the padded frames
         # against cuDNN's conv2d with 9 outputs and the tap sums (`few_outputs_by_frames`); bytes: frames in, fp32 out
@@ -356,10 +347,8 @@ def main(argv=None) -> int:
         flops = 4 * n * L * L * c
         with torch.no_grad():
             e, be = errors(pixel_attention(q, k, v), ref), errors(F.scaled_dot_product_attention(q, k, v), ref)
-            report({"name": "vae mid attention (d 384, vs SDPA)", "shape": f"({n},1,{L},{c})", "unit": "TFLOP/s",
-                    "flops": flops, **timings(lambda: pixel_attention(q, k, v),
-                                              lambda: F.scaled_dot_product_attention(q, k, v), flops),
-                    **e, "base_max_abs_err": be["max_abs_err"], "base_rel_err": be["rel_err"]})
+            compared("vae mid attention (d 384, vs SDPA)", f"({n},1,{L},{c})", "TFLOP/s", flops,
+                     lambda: pixel_attention(q, k, v), lambda: F.scaled_dot_product_attention(q, k, v), e, be)
         del q, k, v, ref
 
     print()
