@@ -318,7 +318,11 @@ class CausalConv3d(nn.Conv3d):
         at the video start), so the chunk (x itself, or the norm before the conv) is written once, straight where
         the conv reads it and no [kept frames + chunk] concatenation is made. Keeps the buffer's last frames in
         `cache` for the next chunk. `then_norm` = (norm, dest): returns dest holding silu(norm(conv)) instead (the
-        Triton conv applies the norm as it writes, so the conv itself is never stored)."""
+        Triton conv applies the norm as it writes, so the conv itself is never stored).
+
+        The kept frames are taken out of `cache` and dropped once copied into the buffer, before `fill` runs (which
+        for a residual block's second conv is the whole first conv) and before the new ones are cloned: a conv
+        holds its old and new kept frames at once only where the conv reads them apart (one-frame chunks)."""
         b, c, t, h, w = x.shape
         p, fmt, like = self.past_frames, _memory_format(x), dict(dtype=x.dtype, device=x.device)
         by_frames = (_frame_convs and self.stride == (1, 1, 1) and self.groups == 1
@@ -327,11 +331,11 @@ class CausalConv3d(nn.Conv3d):
                     and self.stride == (1, 1, 1) and self.groups == 1 and c % 16 == 0)
         few_outputs = self.out_channels <= FEW_OUTPUTS
         del x  # a tensor `fill` reads must not outlive it here
-        past = cache.past.get(self) if cache is not None else None  # what the previous chunk left (None: the start)
         if implicit and few_outputs:
-            return self._few_outputs_conv((b, c, t, h, w), like, fill, cache, past, residual, then_norm)
+            return self._few_outputs_conv((b, c, t, h, w), like, fill, cache, residual, then_norm)
         if implicit and self.out_channels % 16 == 0:
-            return self._padded_conv((b, c, t, h, w), like, fill, cache, past, residual, then_norm)
+            return self._padded_conv((b, c, t, h, w), like, fill, cache, residual, then_norm)
+        past = _taken(cache, self)
         sums = few_outputs and by_frames  # it keeps partial sums of its next outputs, not frames
         if past is None and not sums:  # the video start
             past = (torch.empty((b, c, 1, h, w), **like, memory_format=fmt).zero_(),) * p
@@ -353,8 +357,9 @@ class CausalConv3d(nn.Conv3d):
             out = conv_by_frames(frames, self.weight, self.bias, self.padding[1:])
         else:
             buffer = torch.empty((b, c, p + t, h, w), **like, memory_format=fmt)
-            for i, frame in enumerate(past):
-                buffer[:, :, i : i + 1].copy_(frame)
+            for i in range(p):  # no loop variable left holding a frame
+                buffer[:, :, i : i + 1].copy_(past[i])
+            past = None  # in the buffer now
             fill(buffer[:, :, p:])
             if cache is not None:
                 cache.past[self] = buffer[:, :, -p:].clone().split(1, dim=2)  # clone: don't pin the whole chunk
@@ -363,7 +368,7 @@ class CausalConv3d(nn.Conv3d):
         return _normed(out if residual is None else out.add_(residual), then_norm)
 
     def _few_outputs_conv(self, shape: tuple[int, ...], like: dict, fill: Callable[[torch.Tensor], object],
-                          cache: TimeCache | None, pending: torch.Tensor | None, residual: torch.Tensor | None,
+                          cache: TimeCache | None, residual: torch.Tensor | None,
                           then_norm: tuple[RMSNorm, torch.Tensor] | None) -> torch.Tensor:
         """`convolve` with at most `FEW_OUTPUTS` outputs (the decoder's RGB conv) as one Triton pass over the chunk's
         padded frames (`kernels.few_outputs_conv`: each frame read once, the time taps rolled through fp32 partial
@@ -374,21 +379,21 @@ class CausalConv3d(nn.Conv3d):
         b, c, t, h, w = shape
         frames = _zero_ring(torch.empty((b, t, h + 2, w + 2, c), **like))
         fill(_inside(frames))
-        out, pending = few_outputs_conv3d(frames, self.weight, self.bias, pending)
+        out, pending = few_outputs_conv3d(frames, self.weight, self.bias, _taken(cache, self))
         if cache is not None:
             cache.past[self] = pending
         return _normed(out if residual is None else out.add_(residual), then_norm)
 
     def _padded_conv(self, shape: tuple[int, ...], like: dict, fill: Callable[[torch.Tensor], object],
-                     cache: TimeCache | None, past: tuple[torch.Tensor, ...] | None,
-                     residual: torch.Tensor | None, then_norm: tuple[RMSNorm, torch.Tensor] | None) -> torch.Tensor:
+                     cache: TimeCache | None, residual: torch.Tensor | None,
+                     then_norm: tuple[RMSNorm, torch.Tensor] | None) -> torch.Tensor:
         """`convolve` as one Triton implicit GEMM: the input buffer holds frames (B, F, H + 2, W + 2, C) whose zero
         ring is the spatial padding; `fill` writes the inside. One-frame chunks keep their frames apart, as above."""
         from kernels.conv3d import fuses_norm, padded_conv3d
 
         b, c, t, h, w = shape
         p = self.past_frames
-        past = past or (torch.zeros((b, 1, h + 2, w + 2, c), **like),) * p
+        past = _taken(cache, self) or (torch.zeros((b, 1, h + 2, w + 2, c), **like),) * p
         if t == 1:
             new = _zero_ring(torch.empty((b, 1, h + 2, w + 2, c), **like))
             fill(_inside(new))
@@ -396,8 +401,9 @@ class CausalConv3d(nn.Conv3d):
             kept = windows[-p:]
         else:
             buffer = torch.empty((b, p + t, h + 2, w + 2, c), **like)
-            for i, frame in enumerate(past):
-                buffer[:, i : i + 1].copy_(frame)
+            for i in range(p):  # no loop variable left holding a frame
+                buffer[:, i : i + 1].copy_(past[i])
+            past = None  # in the buffer now
             fill(_inside(_zero_ring(buffer[:, p:])))
             windows = [buffer[:, k : k + t] for k in range(p + 1)]
             kept = buffer[:, -p:].clone().split(1, dim=1)  # clone: don't pin the whole chunk
@@ -407,6 +413,12 @@ class CausalConv3d(nn.Conv3d):
             norm, dest = then_norm
             return padded_conv3d(windows, self.weight, self.bias, residual=residual, norm_silu=norm.gamma, out=dest)
         return _normed(padded_conv3d(windows, self.weight, self.bias, residual=residual), then_norm)
+
+
+def _taken(cache: TimeCache | None, layer: nn.Module):
+    """What `layer` kept in `cache` (None: the video start, or no cache), taken out: the caller holds the only
+    reference, so it can drop the kept frames as soon as they are copied where the layer reads them."""
+    return cache.past.pop(layer, None) if cache is not None else None
 
 
 def _normed(out: torch.Tensor, then_norm: tuple[RMSNorm, torch.Tensor] | None) -> torch.Tensor:

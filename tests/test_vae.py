@@ -237,6 +237,35 @@ def test_few_output_convs_keep_partial_sums_not_input_frames(monkeypatch):
     torch.testing.assert_close(torch.cat(chunks, 2), full, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("fused", [False, pytest.param(True, marks=interpreted)])
+def test_causal_conv_drops_its_kept_frames_before_the_chunk_is_written(monkeypatch, fused):
+    # A residual block's second conv's `fill` is the whole first conv: kept frames still alive then are memory the
+    # GPU holds twice. Chunks of several frames copy them into the conv's input buffer and must let them go.
+    from streamgen import vae as vae_module
+
+    if fused:  # the CUDA inference path (Triton's interpreter here): padded frames and the implicit GEMM
+        monkeypatch.setattr(vae_module, "_fused", lambda x: not torch.is_grad_enabled())
+    torch.manual_seed(0)
+    conv = CausalConv3d(16, 16, 3, padding=1)
+    x = torch.randn(1, 16, 5, 4, 6).contiguous(memory_format=torch.channels_last_3d)
+    cache, chunks, alive = TimeCache(), [], []
+
+    def fill(chunk):
+        def write(out):
+            alive.extend(ref() is not None for ref in kept)
+            out.copy_(chunk)
+        return write
+
+    with torch.no_grad():
+        kept = []
+        for chunk in x.split([2, 3], dim=2):
+            chunks.append(conv.convolve(chunk, fill(chunk), cache))
+            kept = [weakref.ref(frame) for frame in cache.past[conv]]
+    assert len(kept) == 2 and alive == [False, False]
+    full = F.conv3d(F.pad(x.double(), (1, 1, 1, 1, 2, 0)), conv.weight.double(), conv.bias.double())
+    torch.testing.assert_close(torch.cat(chunks, 2).double(), full, rtol=0, atol=1e-4)
+
+
 @interpreted
 def test_fused_few_output_conv_continues_the_video(monkeypatch):
     """On the CUDA inference path (run here in Triton's interpreter) the RGB conv of 16 channels is one Triton pass
