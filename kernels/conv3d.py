@@ -104,18 +104,18 @@ def _padded_conv3d_kernel(
 
 @triton.jit
 def _pair_kernel(
-    x0_desc, x1_desc, x2_desc, w1_desc, w2_desc, bias_ptr, res_ptr, gamma_ptr, out_ptr,
-    T, H, W, rows0_b, rows1_b, rows2_b,
+    x0_desc, x1_desc, x2_desc, x3_desc, w1_desc, w2_desc, bias_ptr, res_ptr, gamma_ptr, out_ptr,
+    T, H, W, rows0_b, rows1_b, rows2_b, rows3_b,
     srb, srt, srh, srw,
     sob, sot, soh, sow,
     norm_scale, norm_eps,
     C: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, NORM: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """grid = (cdiv(HP * WP, BLOCK_M), B * cdiv(T, 2)), 3x3x3 taps, PAIR_CO = 96 output channels, the windows one
-    buffer shifted by a frame each: BLOCK_M consecutive positions of the padded frame of output frames t and t + 1 of
-    batch b, all 2 x 96 channels: acc1 = [frame t's 96 | frame t + 1's channels 0..31], acc2 = frame t + 1's channels
-    32..95. Input frame t + f (f = 0..3: window f at frame t for f < 3, the last window at t + 1 for f = 3) times rows
+    """grid = (cdiv(HP * WP, BLOCK_M), B * cdiv(T, 2)), 3x3x3 taps, PAIR_CO = 96 output channels: BLOCK_M
+    consecutive positions of the padded frame of output frames t and t + 1 of batch b, all 2 x 96 channels: acc1 =
+    [frame t's 96 | frame t + 1's channels 0..31], acc2 = frame t + 1's channels 32..95. Input frame t + f (f = 0..3)
+    is frame t of source f (`x{f}_desc`: one buffer shifted by f frames, or four separate frames for T = 2) times rows
     f * 9 C .. (f + 1) * 9 C of the stacked weight (`pair_taps`). Stored as `_write_frame` stores (a frame t + 1 = T
     not stored); NORM: each frame's norm over its own 96 channels (frame t: acc1's blocks 0..2; frame t + 1: block 3
     and acc2), frame t finished before frame t + 1 is touched (fewer live registers)."""
@@ -142,8 +142,8 @@ def _pair_kernel(
             desc = x2_desc
             row0 = b * rows2_b + t * FP
         else:  # frame t + 1's last tap; none when t + 1 = T (frame t's columns would take 0 x whatever lies there)
-            desc = x2_desc
-            row0 = b * rows2_b + (t + 1) * FP
+            desc = x3_desc
+            row0 = b * rows3_b + t * FP
             n_k = NK * tl.minimum(T - 1 - t, 1)
         row0 += p0 - WP - 1  # tap (0, 0) of the tile's first position
         for i in range(n_k):
@@ -306,6 +306,48 @@ def _one_buffer(windows: Sequence[torch.Tensor]) -> bool:
         win.data_ptr() == x.data_ptr() + k * step for k, win in enumerate(windows))
 
 
+def _check_frames(frames: Sequence[torch.Tensor], C: int, kh: int, kw: int) -> None:
+    """Input frames (B, T, H + kh - 1, W + kw - 1, C) of one shape past dim 1, one dtype, frames dense."""
+    x = frames[0]
+    if x.dim() != 5 or x.shape[4] != C or x.shape[2] < kh or x.shape[3] < kw:
+        raise ValueError(f"windows must be (B, T, H + {kh - 1}, W + {kw - 1}, {C}), got {tuple(x.shape)}")
+    HP, WP = x.shape[2:4]
+    dense = (HP * WP * C, WP * C, C, 1)
+    for win in frames:
+        if (win.shape[::2] != x.shape[::2] or win.shape[3] != WP or win.dtype != x.dtype or win.stride()[1:] != dense
+                or win.stride(0) % C):
+            raise ValueError(f"windows must share shape {tuple(x.shape)} and dtype {x.dtype}, with dense padded "
+                             f"frames (strides (*, {dense})), got {tuple(win.shape)} {win.dtype} {win.stride()}")
+
+
+def _check_conv(weight: torch.Tensor, frames: Sequence[torch.Tensor], T: int, residual: torch.Tensor | None,
+                out: torch.Tensor | None, bias: torch.Tensor | None, norm_silu: torch.Tensor | None) -> None:
+    """The arguments of a conv of T output frames from `frames` (its windows or input frames)."""
+    if weight.dim() != 5:
+        raise ValueError(f"weight must be (CO, C, kt, kh, kw), got {tuple(weight.shape)}")
+    CO, C, kt, kh, kw = weight.shape
+    if kt > 3 or kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(f"kernel must have at most 3 time taps and odd height and width, got {(kt, kh, kw)}")
+    _check_frames(frames, C, kh, kw)
+    B, _, HP, WP, _ = frames[0].shape
+    shape = (B, CO, T, HP - kh + 1, WP - kw + 1)
+    for name, t in (("residual", residual), ("out", out)):
+        if t is not None and (t.shape != shape or t.stride(1) != 1):
+            raise ValueError(f"{name} must be {shape} with channel stride 1, got {tuple(t.shape)} {t.stride()}")
+    if C % 16 or CO % 16:
+        raise ValueError(f"input and output channels must be multiples of 16, got {C} and {CO}")
+    for name, t in (("bias", bias), ("norm_silu", norm_silu)):
+        if t is not None and t.numel() != CO:
+            raise ValueError(f"{name} must hold {CO} values, got shape {tuple(t.shape)}")
+    if norm_silu is not None and not fuses_norm(C, CO):
+        raise ValueError(f"norm_silu needs at most 128 output channels, all in one program (fuses_norm), got {CO}")
+
+
+def _pairs(weight: torch.Tensor, block_n: int | None, pair_frames: bool) -> bool:
+    """Whether `_pair_kernel` takes this conv: 3x3x3, 96 outputs, the default channel split."""
+    return pair_frames and block_n is None and tuple(weight.shape[2:]) == (3, 3, 3) and weight.shape[0] == PAIR_CO
+
+
 def padded_conv3d(
     windows: Sequence[torch.Tensor],
     weight: torch.Tensor,
@@ -337,47 +379,91 @@ def padded_conv3d(
     buffer shifted by a frame each, the kernel is 3x3x3 with 96 output channels and no ``block_n`` is given, with or
     without the norm (each input tile loaded once for both frames; see the module docstring). Returns ``out``.
     """
-    if weight.dim() != 5:
-        raise ValueError(f"weight must be (CO, C, kt, kh, kw), got {tuple(weight.shape)}")
-    CO, C, kt, kh, kw = weight.shape
-    if len(windows) != kt:
-        raise ValueError(f"weight has {kt} time taps, got {len(windows)} windows")
-    if kt > 3 or kh % 2 == 0 or kw % 2 == 0:
-        raise ValueError(f"kernel must have at most 3 time taps and odd height and width, got {(kt, kh, kw)}")
+    if weight.dim() == 5 and len(windows) != weight.shape[2]:
+        raise ValueError(f"weight has {weight.shape[2]} time taps, got {len(windows)} windows")
     x = windows[0]
-    if x.dim() != 5 or x.shape[4] != C or x.shape[2] < kh or x.shape[3] < kw:
-        raise ValueError(f"windows must be (B, T, H + {kh - 1}, W + {kw - 1}, {C}), got {tuple(x.shape)}")
-    B, T, HP, WP, _ = x.shape
-    H, W = HP - kh + 1, WP - kw + 1
-    dense = (HP * WP * C, WP * C, C, 1)
-    for win in windows:
-        if win.shape != x.shape or win.dtype != x.dtype or win.stride()[1:] != dense or win.stride(0) % C:
-            raise ValueError(f"windows must share shape {tuple(x.shape)} and dtype {x.dtype}, with dense padded "
-                             f"frames (strides (*, {dense})), got {tuple(win.shape)} {win.dtype} {win.stride()}")
-    shape = (B, CO, T, H, W)
-    for name, t in (("residual", residual), ("out", out)):
-        if t is not None and (t.shape != shape or t.stride(1) != 1):
-            raise ValueError(f"{name} must be {shape} with channel stride 1, got {tuple(t.shape)} {t.stride()}")
-    if C % 16 or CO % 16:
-        raise ValueError(f"input and output channels must be multiples of 16, got {C} and {CO}")
-    for name, t in (("bias", bias), ("norm_silu", norm_silu)):
-        if t is not None and t.numel() != CO:
-            raise ValueError(f"{name} must hold {CO} values, got shape {tuple(t.shape)}")
+    T = x.shape[1] if x.dim() == 5 else 0
+    _check_conv(weight, windows, T, residual, out, bias, norm_silu)
+    if any(win.shape[1] != T for win in windows):
+        raise ValueError(f"windows must share shape {tuple(x.shape)}, got {[tuple(w.shape) for w in windows]}")
+    if _pairs(weight, block_n, pair_frames) and _one_buffer(windows):  # the last window from its second frame
+        sources = [*windows, windows[2][:, 1:]]
+        return _launch(sources, T, True, weight, bias, residual, norm_silu, norm_eps, out, block_m, None, num_warps,
+                       num_stages)
+    sources = [*windows, *[x] * (3 - len(windows))]
+    return _launch(sources, T, False, weight, bias, residual, norm_silu, norm_eps, out, block_m, block_n, num_warps,
+                   num_stages)
+
+
+def causal_conv3d(
+    past: Sequence[torch.Tensor],
+    chunk: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    residual: torch.Tensor | None = None,
+    norm_silu: torch.Tensor | None = None,
+    norm_eps: float = 1e-12,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The 3x3x3 causal conv of a video's next frames `chunk` (B, T, H + 2, W + 2, C) (padded as `padded_conv3d`
+    takes them) after its last two input frames `past` (two (B, 1, H + 2, W + 2, C) tensors; zeros at the video
+    start), read where they lie: no [past + chunk] buffer is made. Output frames 2 .. T - 1 read the chunk alone (one
+    launch, two frames per program at 96 output channels); frames 0 and 1 read past frames too: at 96 outputs one
+    `_pair_kernel` launch whose four input frames are four sources, else one launch each. Other arguments, and the
+    result, as `padded_conv3d`'s (the same sums in the same order)."""
+    if weight.dim() != 5 or tuple(weight.shape[2:]) != (3, 3, 3):
+        raise ValueError(f"weight must be (CO, C, 3, 3, 3), got {tuple(weight.shape)}")
+    if len(past) != 2:
+        raise ValueError(f"past must be the video's last 2 input frames, got {len(past)}")
+    if chunk.dim() != 5 or any(f.dim() != 5 or f.shape[1] != 1 for f in past):
+        raise ValueError(f"chunk must be (B, T, H + 2, W + 2, C) and past (B, 1, H + 2, W + 2, C), got "
+                         f"{tuple(chunk.shape)} and {[tuple(f.shape) for f in past]}")
+    T = chunk.shape[1]
+    _check_conv(weight, [*past, chunk], T, residual, out, bias, norm_silu)
+    B, _, HP, WP, _ = chunk.shape
+    if out is None:
+        out = torch.empty((B, weight.shape[0], T, HP - 2, WP - 2), dtype=chunk.dtype, device=chunk.device,
+                          memory_format=torch.channels_last_3d)
+    frames = [*past, *chunk[:, :2].split(1, dim=1)]  # the video's frames that output frames 0 and 1 read
+
+    def part(frames_out: slice) -> dict:
+        res = None if residual is None else residual[:, :, frames_out]
+        return dict(residual=res, norm_silu=norm_silu, norm_eps=norm_eps, out=out[:, :, frames_out])
+
+    if T >= 2 and _pairs(weight, None, True):
+        _launch(frames, 2, True, weight, bias, **part(slice(0, 2)))
+    else:
+        for t in range(min(T, 2)):
+            padded_conv3d(frames[t : t + 3], weight, bias, **part(slice(t, t + 1)))
+    if T > 2:
+        padded_conv3d([chunk[:, k : k + T - 2] for k in range(3)], weight, bias, **part(slice(2, T)))
+    return out
+
+
+def _launch(sources: Sequence[torch.Tensor], T: int, pair: bool, weight: torch.Tensor, bias: torch.Tensor | None,
+            residual: torch.Tensor | None, norm_silu: torch.Tensor | None, norm_eps: float,
+            out: torch.Tensor | None, block_m: int = 128, block_n: int | None = None, num_warps: int = 4,
+            num_stages: int | None = None) -> torch.Tensor:
+    """Run the conv of T output frames (checked) from its input sources: three windows (the one-frame kernel; tap k
+    of output frame t reads frame t of source k) or, `pair`, four (`_pair_kernel`; input frame t + f of an output pair
+    (t, t + 1) is frame t of source f)."""
+    CO, C = weight.shape[:2]
+    x = sources[0]
+    B, _, HP, WP, _ = x.shape
+    kt, kh, kw = weight.shape[2:]
     block_n, block_n2, block_k = _blocks(C, CO) if block_n is None else (block_n, 0, _blocks(C, CO)[2])
-    if norm_silu is not None and not fuses_norm(C, CO):
-        raise ValueError(f"norm_silu needs at most 128 output channels, all in one program (fuses_norm), got {CO}")
-    pair = (pair_frames and CO == PAIR_CO and (kt, kh, kw) == (3, 3, 3) and block_n == _blocks(C, CO)[0]
-            and _one_buffer(windows))
     taps = pair_taps(weight, x.dtype) if pair else tap_major(weight, x.dtype)
     if out is None:
-        out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
-    check_tensors(*windows, taps, bias, residual, norm_silu, out)
+        out = torch.empty((B, CO, T, HP - kh + 1, WP - kw + 1), dtype=x.dtype, device=x.device,
+                          memory_format=torch.channels_last_3d)
+    check_tensors(*sources, taps, bias, residual, norm_silu, out)
     if out.numel() == 0:
         return out
-    padded = [*windows, *[x] * (3 - kt)]
-    # each window as (rows, C): batch b's frame t, padded position p is row b * stride(0) / C + t * HP * WP + p
-    descs = [TensorDescriptor(win, [(B - 1) * win.stride(0) // C + T * HP * WP, C], [C, 1], [block_m, block_k])
-             for win in padded]
+    # each source as (rows, C): batch b's frame t, padded position p is row b * stride(0) / C + t * HP * WP + p
+    descs = [TensorDescriptor(src, [(B - 1) * src.stride(0) // C + src.shape[1] * HP * WP, C], [C, 1],
+                              [block_m, block_k]) for src in sources]
+    rows_b = [src.stride(0) // C for src in sources]
     widths = (128, 64) if pair else (block_n, block_n2 or block_n)
     w_descs = [TensorDescriptor(taps, list(taps.shape), [taps.shape[1], 1], [block_k, n]) for n in widths]
     res = residual if residual is not None else out
@@ -388,11 +474,11 @@ def padded_conv3d(
                  PRECISION="ieee" if x.dtype == torch.float32 else "tf32")  # fp32 products exact; 16-bit: unused
     if pair:
         _pair_kernel[(triton.cdiv(HP * WP, block_m), B * triton.cdiv(T, 2))](
-            *descs, *w_descs, *args, T, H, W, *(win.stride(0) // C for win in padded), *strides, **flags,
+            *descs, *w_descs, *args, T, HP - 2, WP - 2, *rows_b, *strides, **flags,
             BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages or 3)
         return out
     _padded_conv3d_kernel[(triton.cdiv(HP * WP, block_m), triton.cdiv(CO, block_n + block_n2), B * T)](
-        *descs, *w_descs, *args, T, H, W, CO, *(win.stride(0) // C for win in padded), *strides, **flags,
+        *descs, *w_descs, *args, T, HP - kh + 1, WP - kw + 1, CO, *rows_b, *strides, **flags,
         KT=kt, KH=kh, KW=kw, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_N2=block_n2, BLOCK_K=block_k,
         num_warps=num_warps, num_stages=num_stages or 4)
     return out

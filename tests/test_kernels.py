@@ -21,7 +21,7 @@ from kernel_support import DEVICE, INTERPRET, f64, padded_frames, rand
 
 from kernels import conv3d
 from kernels.attention import attention_reference, chunk_attention, extend_attention
-from kernels.conv3d import fuses_norm, padded_conv3d, padded_conv3d_reference
+from kernels.conv3d import causal_conv3d, fuses_norm, padded_conv3d, padded_conv3d_reference
 from kernels.modulate import (
     gated_residual,
     gated_residual_reference,
@@ -641,6 +641,46 @@ def test_padded_conv3d_two_frames_per_program(t, norm, residual):
     torch.testing.assert_close(padded_conv3d(windows, weight48, block_m=32).double(),
                                padded_conv3d_reference(f64(*windows), weight48.double()), rtol=1e-5, atol=1e-5)
     assert weight48 not in conv3d.pair_taps.kept
+
+
+@pytest.mark.parametrize("co,t,norm,residual", [
+    (96, 1, False, True), (96, 2, True, False), (96, 3, True, True), (96, 4, False, False), (32, 2, False, True),
+    (32, 3, True, False), (192, 3, False, True)])
+def test_causal_conv3d_reads_the_past_frames_where_they_lie(co, t, norm, residual):
+    """A chunk's conv after its video's last two input frames, given as tensors of their own (no [past + chunk]
+    buffer), equals the conv over one buffer holding both sum for sum (the same programs pair the same frames: 96
+    outputs, the first pair from four separate frames), and float64; only the chunk's output frames are written."""
+    b, c, h, w = 2, 16, 5, 6
+    buf = padded_frames(b, t + 2, h, w, c)
+    past, chunk = [buf[:, k : k + 1].clone() for k in range(2)], buf[:, 2:].clone()
+    weight, bias = rand(co, c, 3, 3, 3, scale=(27 * c) ** -0.5), rand(co)
+    gamma = rand(co, 1, 1, 1) if norm else None
+    r = rand(b, co, t, h, w).contiguous(memory_format=torch.channels_last_3d) if residual else None
+    out = torch.full((b, t + 1, h, w, co), 7.0, device=DEVICE).permute(0, 4, 1, 2, 3)
+    causal_conv3d(past, chunk, weight, bias, residual=r, norm_silu=gamma, out=out[:, :, :t])
+    assert (out[:, :, t] == 7.0).all()
+    windows = [buf[:, k : k + t] for k in range(3)]
+    whole = padded_conv3d(windows, weight, bias, residual=r, norm_silu=gamma)
+    exact = not norm or t % 2 == 0  # an odd last frame's norm: one frame per program sums its squares otherwise
+    torch.testing.assert_close(out[:, :, :t], whole, rtol=0 if exact else 1e-6, atol=0 if exact else 1e-6)
+    ref = padded_conv3d_reference(f64(*windows), weight.double(), *f64(bias, r), norm_silu=f64(gamma)[0])
+    torch.testing.assert_close(out[:, :, :t].double(), ref, rtol=1e-5, atol=1e-5)
+    assert (weight in conv3d.pair_taps.kept) == (co == 96 and t > 1)
+
+
+def test_causal_conv3d_rejects_bad_arguments():
+    buf = padded_frames(1, 4, 3, 3, 16)
+    past, chunk, weight = [buf[:, :1], buf[:, 1:2]], buf[:, 2:], rand(16, 16, 3, 3, 3)
+    with pytest.raises(ValueError, match="last 2 input frames, got 1"):
+        causal_conv3d(past[:1], chunk, weight)
+    with pytest.raises(ValueError, match=r"past \(B, 1, H \+ 2, W \+ 2, C\)"):
+        causal_conv3d([buf[:, :2], buf[:, 1:2]], chunk, weight)
+    with pytest.raises(ValueError, match=r"weight must be \(CO, C, 3, 3, 3\)"):
+        causal_conv3d(past, chunk, rand(16, 16, 1, 3, 3))
+    with pytest.raises(ValueError, match="windows must share shape"):
+        causal_conv3d([padded_frames(1, 1, 3, 4, 16), past[1]], chunk, weight)
+    with pytest.raises(ValueError, match="residual must be"):
+        causal_conv3d(past, chunk, weight, residual=rand(1, 16, 1, 3, 3))  # 1 frame, the chunk has 2
 
 
 def test_padded_conv3d_weight_copy_follows_the_weight():
