@@ -26,10 +26,11 @@ buffer (each tap then reads one whole frame) and its kept frames are kept by ref
 the RMS norm (+ SiLU) is one Triton kernel (`kernels/vae_ops.py`) that writes there; `set_fused_kernels(False)`
 selects the plain torch ops, which autograd and CPUs always use. Every step keeps the activations' memory format, so
 `WanVAE.to_channels_last()` runs the whole network channels-last (cuDNN's native layout) without layout changes.
-There, on CUDA, each causal 3x3x3 conv is one Triton implicit GEMM (`kernels/conv3d.py`, `set_triton_convs`): its
-buffer holds zero-padded frames (the zero ring is the conv's spatial padding), all 27 taps are summed in registers
-and the bias and a residual block's shortcut are added as the result is written, once; at up to 128 output channels
-a residual block's first conv also applies the second conv's norm + SiLU as it writes (`kernels.conv3d.fuses_norm`).
+There, on CUDA, each causal 3x3x3 conv is Triton implicit GEMMs (`kernels/conv3d.py`, `set_triton_convs`) that read
+the kept frames where they lie and the chunk from a buffer of its own zero-padded frames (the zero ring is the
+conv's spatial padding), so nothing is copied in front of the chunk; all 27 taps are summed in registers and the
+bias and a residual block's shortcut are added as the result is written, once; at up to 128 output channels a
+residual block's first conv also applies the second conv's norm + SiLU as it writes (`kernels.conv3d.fuses_norm`).
 Other convs, and all convs when it is off or on CPUs, run as sums of 2D convolutions over whole frames
 (`set_frame_convs`), which beat the 3D ones (measured on an H100 and on a 2-core CPU). Each nearest-2x upsampling +
 3x3 conv runs as one 2x2-phase convolution (`upsample2x_conv`). The blocks after the last temporal upsampler can take
@@ -320,15 +321,16 @@ class CausalConv3d(nn.Conv3d):
         `cache` for the next chunk. `then_norm` = (norm, dest): returns dest holding silu(norm(conv)) instead (the
         Triton conv applies the norm as it writes, so the conv itself is never stored).
 
-        The kept frames are taken out of `cache` and dropped once copied into the buffer, before `fill` runs (which
-        for a residual block's second conv is the whole first conv) and before the new ones are cloned: a conv
-        holds its old and new kept frames at once only where the conv reads them apart (one-frame chunks)."""
+        The kept frames are taken out of `cache`. Where they are copied into the buffer they are dropped right
+        after, before `fill` runs (for a residual block's second conv, the whole first conv) and before the new ones
+        are cloned; the Triton convs (`_padded_conv`) read them where they lie instead of copying them."""
         b, c, t, h, w = x.shape
         p, fmt, like = self.past_frames, _memory_format(x), dict(dtype=x.dtype, device=x.device)
         by_frames = (_frame_convs and self.stride == (1, 1, 1) and self.groups == 1
                      and (not x.is_cuda or fmt == torch.channels_last_3d))  # not CUDA channels-first
         implicit = (_triton_convs and _fused(x) and fmt == torch.channels_last_3d and self.kernel_size == (3, 3, 3)
-                    and self.stride == (1, 1, 1) and self.groups == 1 and c % 16 == 0)
+                    and self.padding == (0, 1, 1) and p == 2 and self.stride == (1, 1, 1) and self.groups == 1
+                    and c % 16 == 0)
         few_outputs = self.out_channels <= FEW_OUTPUTS
         del x  # a tensor `fill` reads must not outlive it here
         if implicit and few_outputs:
@@ -387,32 +389,26 @@ class CausalConv3d(nn.Conv3d):
     def _padded_conv(self, shape: tuple[int, ...], like: dict, fill: Callable[[torch.Tensor], object],
                      cache: TimeCache | None, residual: torch.Tensor | None,
                      then_norm: tuple[RMSNorm, torch.Tensor] | None) -> torch.Tensor:
-        """`convolve` as one Triton implicit GEMM: the input buffer holds frames (B, F, H + 2, W + 2, C) whose zero
-        ring is the spatial padding; `fill` writes the inside. One-frame chunks keep their frames apart, as above."""
-        from kernels.conv3d import fuses_norm, padded_conv3d
+        """`convolve` as Triton implicit GEMMs (`kernels.conv3d.causal_conv3d`): `fill` writes the inside of the
+        chunk's padded frames (B, T, H + 2, W + 2, C), whose zero ring is the spatial padding, and the kept frames
+        are read where they lie, so nothing is copied in front of the chunk. The chunk's last two frames are kept by
+        reference when they are all of it (and with the frame before for one-frame chunks), else cloned, not to pin
+        the whole chunk."""
+        from kernels.conv3d import causal_conv3d, fuses_norm
 
         b, c, t, h, w = shape
         p = self.past_frames
         past = _taken(cache, self) or (torch.zeros((b, 1, h + 2, w + 2, c), **like),) * p
-        if t == 1:
-            new = _zero_ring(torch.empty((b, 1, h + 2, w + 2, c), **like))
-            fill(_inside(new))
-            windows = (*past, new)
-            kept = windows[-p:]
-        else:
-            buffer = torch.empty((b, p + t, h + 2, w + 2, c), **like)
-            for i in range(p):  # no loop variable left holding a frame
-                buffer[:, i : i + 1].copy_(past[i])
-            past = None  # in the buffer now
-            fill(_inside(_zero_ring(buffer[:, p:])))
-            windows = [buffer[:, k : k + t] for k in range(p + 1)]
-            kept = buffer[:, -p:].clone().split(1, dim=1)  # clone: don't pin the whole chunk
+        chunk = _zero_ring(torch.empty((b, t, h + 2, w + 2, c), **like))
+        fill(_inside(chunk))
         if cache is not None:
-            cache.past[self] = kept
+            cache.past[self] = ((*past, *chunk.split(1, dim=1))[-p:] if t <= p
+                                else chunk[:, -p:].clone().split(1, dim=1))
         if then_norm is not None and fuses_norm(c, self.out_channels):
             norm, dest = then_norm
-            return padded_conv3d(windows, self.weight, self.bias, residual=residual, norm_silu=norm.gamma, out=dest)
-        return _normed(padded_conv3d(windows, self.weight, self.bias, residual=residual), then_norm)
+            return causal_conv3d(past, chunk, self.weight, self.bias, residual=residual, norm_silu=norm.gamma,
+                                 out=dest)
+        return _normed(causal_conv3d(past, chunk, self.weight, self.bias, residual=residual), then_norm)
 
 
 def _taken(cache: TimeCache | None, layer: nn.Module):
@@ -760,11 +756,12 @@ class WanVAE(nn.Module):
         self.decoder = Decoder3d(config)
         self.memory_format = torch.contiguous_format  # of activations (and conv weights); see to_channels_last
         # Most video frames a decoder pass holds at full resolution (None: a whole chunk); the low-resolution
-        # blocks take the latent frames that make them. Memory grows with it, and speed a little (an H100 decoding
-        # 81 frames of 480x832 in 3-latent chunks peaks 6.0 GiB above the weights in 0.56 s; 4 frames per pass
-        # 3.4 GiB in 0.64 s, 1 frame 2.1 GiB in 0.66-0.78 s, bound by the host; 1.7 GiB of it is the kept frames,
-        # whatever the pass).
-        self.decode_pass_frames: int | None = None
+        # blocks take the latent frames that make them. Memory grows with it. Two frames is the fewest that the
+        # 96-channel convs' two-frame programs take, and on CUDA as fast as whole chunks: an H100 decoding 81 frames
+        # of 480x832 in 3-latent chunks runs 0.56 s of kernels either way, peaking 2.26 GiB above the weights
+        # against 4.38 (1 frame: 2.07 GiB, 0.62 s; 1.7 GiB is the kept frames, whatever the pass), and the 4-step
+        # stream peaks 8.17 GiB against 10.29 at the same speed (benchmarks/results/decode_passes_ab_session14.txt).
+        self.decode_pass_frames: int | None = 2
         self._stats: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property

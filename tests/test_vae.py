@@ -238,21 +238,24 @@ def test_few_output_convs_keep_partial_sums_not_input_frames(monkeypatch):
 
 
 @pytest.mark.parametrize("fused", [False, pytest.param(True, marks=interpreted)])
-def test_causal_conv_drops_its_kept_frames_before_the_chunk_is_written(monkeypatch, fused):
-    # A residual block's second conv's `fill` is the whole first conv: kept frames still alive then are memory the
-    # GPU holds twice. Chunks of several frames copy them into the conv's input buffer and must let them go.
+def test_causal_conv_holds_its_kept_frames_once(monkeypatch, fused):
+    # A residual block's second conv's `fill` is the whole first conv: a second copy of the kept frames alive then
+    # is memory the GPU holds twice. The torch path copies them into its input buffer and drops them before `fill`;
+    # the Triton path (CUDA inference) reads them where they lie: `fill` writes a buffer of the chunk's frames alone.
     from streamgen import vae as vae_module
 
-    if fused:  # the CUDA inference path (Triton's interpreter here): padded frames and the implicit GEMM
+    if fused:  # Triton's interpreter here: padded frames and the implicit GEMM
         monkeypatch.setattr(vae_module, "_fused", lambda x: not torch.is_grad_enabled())
     torch.manual_seed(0)
-    conv = CausalConv3d(16, 16, 3, padding=1)
-    x = torch.randn(1, 16, 5, 4, 6).contiguous(memory_format=torch.channels_last_3d)
-    cache, chunks, alive = TimeCache(), [], []
+    b, c, h, w = 1, 16, 4, 6
+    conv = CausalConv3d(c, c, 3, padding=1)
+    x = torch.randn(b, c, 5, h, w).contiguous(memory_format=torch.channels_last_3d)
+    cache, chunks, alive, frames = TimeCache(), [], [], []
 
     def fill(chunk):
         def write(out):
             alive.extend(ref() is not None for ref in kept)
+            frames.append(out.untyped_storage().nbytes() // (4 * c * ((h + 2) * (w + 2) if fused else h * w)))
             out.copy_(chunk)
         return write
 
@@ -261,7 +264,9 @@ def test_causal_conv_drops_its_kept_frames_before_the_chunk_is_written(monkeypat
         for chunk in x.split([2, 3], dim=2):
             chunks.append(conv.convolve(chunk, fill(chunk), cache))
             kept = [weakref.ref(frame) for frame in cache.past[conv]]
-    assert len(kept) == 2 and alive == [False, False]
+    assert len(kept) == 2
+    assert frames == ([2, 3] if fused else [4, 5])  # the chunk's frames, or 2 kept + the chunk's
+    assert fused or alive == [False, False]
     full = F.conv3d(F.pad(x.double(), (1, 1, 1, 1, 2, 0)), conv.weight.double(), conv.bias.double())
     torch.testing.assert_close(torch.cat(chunks, 2).double(), full, rtol=0, atol=1e-4)
 
@@ -356,7 +361,7 @@ def test_fused_decode_equals_the_torch_path(vae, monkeypatch, triton_conv_calls,
 
     z = latents(5)
     vae.to_channels_last(True)
-    vae.decode_pass_frames = pass_frames
+    monkeypatch.setattr(vae, "decode_pass_frames", pass_frames)
     try:
         expected = vae.decode(z, [1, 2, 2])
         assert not triton_conv_calls  # the torch path on CPU
@@ -364,7 +369,6 @@ def test_fused_decode_equals_the_torch_path(vae, monkeypatch, triton_conv_calls,
         got = vae.decode(z, [1, 2, 2])
     finally:
         vae.to_channels_last(False)
-        vae.decode_pass_frames = None
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
     residuals = [k.get("residual") is not None for _, k in triton_conv_calls]
     norms = [k.get("norm_silu") is not None for _, k in triton_conv_calls]  # each block's conv1 writes conv2's input
@@ -438,8 +442,9 @@ def test_chunked_decode_equals_whole_decode(vae, sizes):
 
 
 @pytest.mark.parametrize("pass_frames", [1, 2, 3, 4, 5, 8])
-def test_decode_in_smaller_passes_equals_whole_decode(vae, pass_frames):
+def test_decode_in_smaller_passes_equals_whole_decode(vae, pass_frames, monkeypatch):
     z = latents(7)
+    monkeypatch.setattr(vae, "decode_pass_frames", None)  # the whole video in one pass
     whole = vae.decode(z, latents_per_chunk=None)
     decoder = vae.stream_decoder()
     seen = []  # frames per call of the full-resolution blocks
@@ -450,7 +455,6 @@ def test_decode_in_smaller_passes_equals_whole_decode(vae, pass_frames):
         parts = [decoder.decode(chunk) for chunk in z.split([1, 3, 3], dim=2)]
         whole_in_passes = vae.decode(z, latents_per_chunk=None)  # no stream: the passes carry a cache of their own
     finally:
-        vae.decode_pass_frames = None
         hook.remove()
     assert decoder.latent_frames == 7
     assert max(seen) <= pass_frames and sum(seen) == 2 * 25  # every frame once per decode
@@ -459,7 +463,7 @@ def test_decode_in_smaller_passes_equals_whole_decode(vae, pass_frames):
 
 
 @pytest.mark.parametrize("pass_frames", [None, 2])
-def test_decoder_frees_each_layers_input_once_the_next_layer_runs(vae, pass_frames):
+def test_decoder_frees_each_layers_input_once_the_next_layer_runs(vae, pass_frames, monkeypatch):
     # Nothing but the layer loop may hold an activation: a block's input kept alive through the block's later
     # layers is a whole chunk of full-resolution frames on the GPU.
     previous = []  # a weak reference to the last layer's input
@@ -472,26 +476,23 @@ def test_decoder_frees_each_layers_input_once_the_next_layer_runs(vae, pass_fram
 
     decoder = vae.decoder
     hooks = [m.register_forward_pre_hook(check) for m in decoder.low_res_layers + decoder.per_frame_layers]
+    monkeypatch.setattr(vae, "decode_pass_frames", pass_frames)
     try:
-        vae.decode_pass_frames = pass_frames
         stream = vae.stream_decoder()
         for chunk in latents(4).split([1, 3], dim=2):
             stream.decode(chunk)
     finally:
-        vae.decode_pass_frames = None
         for h in hooks:
             h.remove()
     layers = len(decoder.low_res_layers) + len(decoder.per_frame_layers)
     assert len(dead) >= 2 * layers - 1 and all(dead)
 
 
-def test_decode_pass_size_must_be_positive(vae):
-    vae.decode_pass_frames = 0
-    try:
-        with pytest.raises(ValueError, match="decode_pass_frames must be None or >= 1, got 0"):
-            vae.stream_decoder().decode(latents(1))
-    finally:
-        vae.decode_pass_frames = None
+def test_decode_pass_size_must_be_positive(vae, monkeypatch):
+    assert vae.decode_pass_frames == 2  # the default: as fast as whole chunks on the GPU, with less memory
+    monkeypatch.setattr(vae, "decode_pass_frames", 0)
+    with pytest.raises(ValueError, match="decode_pass_frames must be None or >= 1, got 0"):
+        vae.stream_decoder().decode(latents(1))
 
 
 def test_decode_matches_independent_reference_float64(vae64):
