@@ -13,9 +13,10 @@ consecutive rows of the (positions, C) matrix, shifted by dh * (W + 2) + dw. So 
 with no per-element address or mask arithmetic; the ring positions' outputs are computed and dropped (0.7% extra
 work at 480x832). Time is causal and comes as kt windows, one per time tap: tap k of output frame t reads frame t of
 ``windows[k]`` (a [kept frames + chunk] buffer shifted by k, or kt separate frames for a one-frame chunk), so the
-caller decides where the past comes from. The weight is read as a (kt, kh, kw, C, CO) matrix (`tap_major`, a copy
-kept per weight; reading a channels-last weight in place through transposed tiles measured 2.4-3.2% slower on the
-large convs).
+caller decides where the past comes from; `causal_conv3d` takes a video's kept frames and its next chunk apart and
+reads each where it lies (only the chunk's first two output frames read kept frames: a launch of their own). The
+weight is read as a (kt, kh, kw, C, CO) matrix (`tap_major`, a copy kept per weight; reading a channels-last weight
+in place through transposed tiles measured 2.4-3.2% slower on the large convs).
 
 Output channels that are not a power of two (the decoder's 96, 192, 384) are covered by two accumulators of power-
 of-two widths (64 + 32, 128 + 64) sharing every input tile, so no MMA work is spent on padding. With all output
@@ -48,7 +49,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from ._launch import channel_blocks, check_tensors, kept_per_weight
 from .vae_ops import channel_rms_norm_reference
 
-__all__ = ["fuses_norm", "padded_conv3d", "padded_conv3d_reference"]
+__all__ = ["causal_conv3d", "fuses_norm", "padded_conv3d", "padded_conv3d_reference"]
 
 
 @triton.jit
@@ -386,12 +387,10 @@ def padded_conv3d(
     _check_conv(weight, windows, T, residual, out, bias, norm_silu)
     if any(win.shape[1] != T for win in windows):
         raise ValueError(f"windows must share shape {tuple(x.shape)}, got {[tuple(w.shape) for w in windows]}")
-    if _pairs(weight, block_n, pair_frames) and _one_buffer(windows):  # the last window from its second frame
-        sources = [*windows, windows[2][:, 1:]]
-        return _launch(sources, T, True, weight, bias, residual, norm_silu, norm_eps, out, block_m, None, num_warps,
-                       num_stages)
-    sources = [*windows, *[x] * (3 - len(windows))]
-    return _launch(sources, T, False, weight, bias, residual, norm_silu, norm_eps, out, block_m, block_n, num_warps,
+    pair = _pairs(weight, block_n, pair_frames) and _one_buffer(windows)
+    # two frames per program read the last window at its second frame too; fewer than 3 taps repeat a window unread
+    sources = [*windows, windows[2][:, 1:]] if pair else [*windows, *[x] * (3 - len(windows))]
+    return _launch(sources, T, pair, weight, bias, residual, norm_silu, norm_eps, out, block_m, block_n, num_warps,
                    num_stages)
 
 
