@@ -33,9 +33,9 @@ bias and a residual block's shortcut are added as the result is written, once; a
 residual block's first conv also applies the second conv's norm + SiLU as it writes (`kernels.conv3d.fuses_norm`).
 Other convs, and all convs when it is off or on CPUs, run as sums of 2D convolutions over whole frames
 (`set_frame_convs`), which beat the 3D ones (measured on an H100 and on a 2-core CPU). Each nearest-2x upsampling +
-3x3 conv runs as one 2x2-phase convolution (`upsample2x_conv`). The blocks after the last temporal upsampler can take
-a chunk a few frames at a time (`WanVAE.decode_pass_frames`): they hold the full-resolution activations. Timings:
-benchmarks/RESULTS.md.
+3x3 conv runs as one 2x2-phase convolution (`upsample2x_conv`). The blocks after the last temporal upsampler take a
+chunk a few frames at a time (`WanVAE.decode_pass_frames`, 2 by default): they hold the full-resolution activations.
+Timings: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -691,6 +691,7 @@ class UpBlock(nn.Module):
 
     @property
     def layers(self) -> list[nn.Module]:
+        """The stage's layers in the order they run."""
         return [*self.resnets, *(self.upsamplers or ())]
 
 
