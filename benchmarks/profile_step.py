@@ -157,7 +157,8 @@ def profile_memory(size: str, steps: int, rows: int, decode_pass_frames: int | N
     device = torch.device("cuda")
     torch.cuda.memory._record_memory_history(max_entries=2_000_000)
     pipe = random_pipeline(size, device, torch.bfloat16)
-    pipe.vae.decode_pass_frames = decode_pass_frames
+    if decode_pass_frames is not None:
+        pipe.vae.decode_pass_frames = decode_pass_frames
     prompt = torch.randn(1, 512, pipe.transformer.config.text_dim, device=device, dtype=torch.bfloat16)
     frames, h, w = pipe.latent_size(480, 832, 81)
     for _ in pipe.stream(prompt, height=480, width=832, num_frames=81, steps=steps, seed=0):
@@ -193,7 +194,8 @@ def main() -> None:
     p.add_argument("--vae", action="store_true", help="profile the VAE decode instead")
     p.add_argument("--memory", action="store_true", help="what is live at a whole stream's memory peak instead")
     p.add_argument("--steps", type=int, default=4, help="step budget of the --memory stream")
-    p.add_argument("--decode-pass-frames", type=int, help="the --memory stream's VAE decode_pass_frames")
+    p.add_argument("--decode-pass-frames", type=int,
+                   help="the --memory stream's VAE decode_pass_frames (default: the VAE's, 2)")
     p.add_argument("--compile", action="store_true",
                    help="time chunk --chunk's denoising step against torch.compile(mode='max-autotune') instead")
     args = p.parse_args()
