@@ -30,13 +30,23 @@ def test_generate_mp4_from_the_command_line(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["video.mp4"]
 
 
-def test_decode_in_one_latent_frame_passes_gives_the_same_frames(tmp_path):
+def test_decode_pass_sizes_give_the_same_frames(tmp_path):
     args = ["generate", "--prompt", "a blue square", "--steps", "1", "--frames", "13", "--device", "cpu"]
-    assert main([*args, "-o", str(tmp_path / "whole.npy")]) == 0
-    assert main([*args, "--decode-pass-frames", "1", "-o", str(tmp_path / "passes.npy")]) == 0
-    whole, passes = (np.load(tmp_path / f).astype(np.int16) for f in ("whole.npy", "passes.npy"))
-    assert whole.shape == passes.shape == (13, 64, 64, 3)
-    assert np.abs(whole - passes).max() <= 1  # float32 rounding may move a pixel by one level
+    sizes = {"default": [], "one": ["--decode-pass-frames", "1"], "whole": ["--decode-pass-frames", "64"]}
+    for name, extra in sizes.items():
+        assert main([*args, *extra, "-o", str(tmp_path / f"{name}.npy")]) == 0
+    whole = np.load(tmp_path / "whole.npy").astype(np.int16)
+    assert whole.shape == (13, 64, 64, 3)
+    for name in ("default", "one"):  # float32 rounding may move a pixel by one level
+        assert np.abs(np.load(tmp_path / f"{name}.npy").astype(np.int16) - whole).max() <= 1
+
+
+def test_decode_pass_frames_is_the_vaes_unless_given():
+    from streamgen.cli import _load_pipeline, build_parser
+
+    args = ["generate", "--prompt", "x", "--device", "cpu"]
+    assert _load_pipeline(build_parser().parse_args(args)).vae.decode_pass_frames == 2
+    assert _load_pipeline(build_parser().parse_args([*args, "--decode-pass-frames", "3"])).vae.decode_pass_frames == 3
 
 
 def test_per_chunk_steps_frames_and_png_folder(tmp_path):
