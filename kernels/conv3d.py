@@ -387,11 +387,20 @@ def padded_conv3d(
     _check_conv(weight, windows, T, residual, out, bias, norm_silu)
     if any(win.shape[1] != T for win in windows):
         raise ValueError(f"windows must share shape {tuple(x.shape)}, got {[tuple(w.shape) for w in windows]}")
+    return _windows_conv(windows, weight, bias, residual, norm_silu, norm_eps, out, block_m, block_n, num_warps,
+                         num_stages, pair_frames)
+
+
+def _windows_conv(windows: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None,
+                  residual: torch.Tensor | None, norm_silu: torch.Tensor | None, norm_eps: float,
+                  out: torch.Tensor | None, block_m: int = 128, block_n: int | None = None, num_warps: int = 4,
+                  num_stages: int | None = None, pair_frames: bool = True) -> torch.Tensor:
+    """`padded_conv3d` of checked arguments: two frames per program where the windows allow it, else one."""
     pair = _pairs(weight, block_n, pair_frames) and _one_buffer(windows)
     # two frames per program read the last window at its second frame too; fewer than 3 taps repeat a window unread
-    sources = [*windows, windows[2][:, 1:]] if pair else [*windows, *[x] * (3 - len(windows))]
-    return _launch(sources, T, pair, weight, bias, residual, norm_silu, norm_eps, out, block_m, block_n, num_warps,
-                   num_stages)
+    sources = [*windows, windows[2][:, 1:]] if pair else [*windows, *[windows[0]] * (3 - len(windows))]
+    return _launch(sources, windows[0].shape[1], pair, weight, bias, residual, norm_silu, norm_eps, out, block_m,
+                   block_n, num_warps, num_stages)
 
 
 def causal_conv3d(
@@ -410,7 +419,8 @@ def causal_conv3d(
     start), read where they lie: no [past + chunk] buffer is made. Output frames 2 .. T - 1 read the chunk alone (one
     launch, two frames per program at 96 output channels); frames 0 and 1 read past frames too: at 96 outputs one
     `_pair_kernel` launch whose four input frames are four sources, else one launch each. Other arguments, and the
-    result, as `padded_conv3d`'s (the same sums in the same order)."""
+    result, as `padded_conv3d`'s (the same sums in the same order). The arguments are checked once, here: the
+    launches take slices of them."""
     if weight.dim() != 5 or tuple(weight.shape[2:]) != (3, 3, 3):
         raise ValueError(f"weight must be (CO, C, 3, 3, 3), got {tuple(weight.shape)}")
     if len(past) != 2:
@@ -434,9 +444,9 @@ def causal_conv3d(
         _launch(frames, 2, True, weight, bias, **part(slice(0, 2)))
     else:
         for t in range(min(T, 2)):
-            padded_conv3d(frames[t : t + 3], weight, bias, **part(slice(t, t + 1)))
+            _windows_conv(frames[t : t + 3], weight, bias, **part(slice(t, t + 1)))
     if T > 2:
-        padded_conv3d([chunk[:, k : k + T - 2] for k in range(3)], weight, bias, **part(slice(2, T)))
+        _windows_conv([chunk[:, k : k + T - 2] for k in range(3)], weight, bias, **part(slice(2, T)))
     return out
 
 

@@ -315,12 +315,13 @@ def test_streaming_decode_by_frames_equals_the_conv3d_path(vae64, channels_last)
 
 @pytest.fixture
 def triton_conv_calls(monkeypatch) -> list[tuple[tuple, dict]]:
-    """The (args, kwargs) of every call to the Triton conv (`kernels.conv3d.padded_conv3d`), which still runs."""
+    """The (args, kwargs) of every call the VAE makes to the Triton conv (`kernels.conv3d.causal_conv3d`, with the
+    kept frames first), which still runs."""
     import kernels.conv3d
 
     calls = []
-    conv = kernels.conv3d.padded_conv3d
-    monkeypatch.setattr(kernels.conv3d, "padded_conv3d", lambda *a, **k: calls.append((a, k)) or conv(*a, **k))
+    conv = kernels.conv3d.causal_conv3d
+    monkeypatch.setattr(kernels.conv3d, "causal_conv3d", lambda *a, **k: calls.append((a, k)) or conv(*a, **k))
     return calls
 
 
