@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 import triton
 from torch.utils.weak import WeakIdKeyDictionary
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 """True when the kernels in this package were decorated in interpreter mode (CPU tensors, numpy semantics)."""
@@ -56,6 +57,27 @@ def channel_blocks(CO: int) -> tuple[int, int]:
     if CO % 96 == 0:
         return 64, 32
     return min(pow2(CO), 128), 0
+
+
+def k_block(C: int, widest: int = 64) -> int:
+    """The K block of a conv kernel over C input channels (a multiple of 16): the largest of 64, 32, 16 dividing C,
+    at most `widest`."""
+    return next(k for k in (64, 32, 16) if C % k == 0 and k <= widest)
+
+
+def dense_frames(frames: torch.Tensor) -> bool:
+    """Whether padded frames (B, T, HP, WP, C) have dense frames (strides (*, HP WP C, WP C, C, 1)) and a batch
+    stride that is a multiple of C, as `frame_rows` reads them."""
+    _, _, HP, WP, C = frames.shape
+    return frames.stride()[1:] == (HP * WP * C, WP * C, C, 1) and frames.stride(0) % C == 0
+
+
+def frame_rows(frames: torch.Tensor, block_rows: int, block_k: int) -> TensorDescriptor:
+    """A TMA descriptor over padded frames (B, T, HP, WP, C) (`dense_frames`) as one (rows, C) matrix, tiles of
+    block_rows x block_k: batch b's frame t, padded position p is row b * stride(0) / C + t * HP * WP + p (rows past a
+    batch's last frame run into the next batch's or, past the last, read as zeros)."""
+    B, T, HP, WP, C = frames.shape
+    return TensorDescriptor(frames, [(B - 1) * frames.stride(0) // C + T * HP * WP, C], [C, 1], [block_rows, block_k])
 
 
 def kept_per_weight(make: Callable[[torch.Tensor, torch.dtype], torch.Tensor]):

@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._launch import channel_blocks, check_tensors, kept_per_weight
+from ._launch import channel_blocks, check_tensors, dense_frames, frame_rows, k_block, kept_per_weight
 from .vae_ops import channel_rms_norm_reference
 
 __all__ = ["causal_conv3d", "fuses_norm", "padded_conv3d", "padded_conv3d_reference"]
@@ -286,7 +286,7 @@ def pair_taps(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _blocks(C: int, CO: int) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_N2, BLOCK_K) for C inputs and CO outputs: CO as `channel_blocks` covers it; BLOCK_K the
     largest of 64, 32, 16 dividing C (a multiple of 16)."""
-    return *channel_blocks(CO), next(k for k in (64, 32, 16) if C % k == 0)
+    return *channel_blocks(CO), k_block(C)
 
 
 def fuses_norm(C: int, CO: int) -> bool:
@@ -313,10 +313,9 @@ def _check_frames(frames: Sequence[torch.Tensor], C: int, kh: int, kw: int) -> N
     if x.dim() != 5 or x.shape[4] != C or x.shape[2] < kh or x.shape[3] < kw:
         raise ValueError(f"windows must be (B, T, H + {kh - 1}, W + {kw - 1}, {C}), got {tuple(x.shape)}")
     HP, WP = x.shape[2:4]
-    dense = (HP * WP * C, WP * C, C, 1)
     for win in frames:
-        if (win.shape[::2] != x.shape[::2] or win.shape[3] != WP or win.dtype != x.dtype or win.stride()[1:] != dense
-                or win.stride(0) % C):
+        if win.shape[::2] != x.shape[::2] or win.shape[3] != WP or win.dtype != x.dtype or not dense_frames(win):
+            dense = (HP * WP * C, WP * C, C, 1)
             raise ValueError(f"windows must share shape {tuple(x.shape)} and dtype {x.dtype}, with dense padded "
                              f"frames (strides (*, {dense})), got {tuple(win.shape)} {win.dtype} {win.stride()}")
 
@@ -469,9 +468,7 @@ def _launch(sources: Sequence[torch.Tensor], T: int, pair: bool, weight: torch.T
     check_tensors(*sources, taps, bias, residual, norm_silu, out)
     if out.numel() == 0:
         return out
-    # each source as (rows, C): batch b's frame t, padded position p is row b * stride(0) / C + t * HP * WP + p
-    descs = [TensorDescriptor(src, [(B - 1) * src.stride(0) // C + src.shape[1] * HP * WP, C], [C, 1],
-                              [block_m, block_k]) for src in sources]
+    descs = [frame_rows(src, block_m, block_k) for src in sources]
     rows_b = [src.stride(0) // C for src in sources]
     widths = (128, 64) if pair else (block_n, block_n2 or block_n)
     w_descs = [TensorDescriptor(taps, list(taps.shape), [taps.shape[1], 1], [block_k, n]) for n in widths]

@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._launch import check_tensors, kept_per_weight
+from ._launch import check_tensors, dense_frames, frame_rows, k_block, kept_per_weight
 
 __all__ = ["MAX_OUTPUTS", "few_outputs_conv3d", "few_outputs_conv3d_reference", "few_outputs_taps"]
 
@@ -232,8 +232,8 @@ def few_outputs_conv3d(
                          f"{tuple(frames.shape)}")
     if frames.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"frames must be float16, bfloat16 or float32, got {frames.dtype}")
-    dense = (HP * WP * C, WP * C, C, 1)
-    if frames.stride()[1:] != dense or frames.stride(0) % C:
+    if not dense_frames(frames):
+        dense = (HP * WP * C, WP * C, C, 1)
         raise ValueError(f"frames must be dense padded frames (strides (*, {dense}), batch stride a multiple of {C}), "
                          f"got {frames.stride()}")
     if pending is not None and (pending.shape != (B, 2, CO, H, W) or pending.dtype != torch.float32):
@@ -250,9 +250,8 @@ def few_outputs_conv3d(
         out = torch.empty((B, CO, T, H, W), dtype=torch.float32, device=frames.device)
     new = torch.empty((B, 2, H, W, CO), dtype=torch.float32, device=frames.device).permute(0, 1, 4, 2, 3)
     check_tensors(frames, taps, bias, pending, out)
-    block_k = next(k for k in (64, 32, 16) if C % k == 0)
-    # the frames as (rows, C): batch b's frame t, padded position p is row b * stride(0) / C + t * HP * WP + p
-    x_desc = TensorDescriptor(frames, [(B - 1) * frames.stride(0) // C + T * HP * WP, C], [C, 1], [block_w, block_k])
+    block_k = k_block(C)
+    x_desc = frame_rows(frames, block_w, block_k)
     w_desc = TensorDescriptor(taps, [3 * C, 64], [64, 1], [block_k, 64])
     pend = pending if pending is not None else new
     tiles_w = triton.cdiv(W, block_w)

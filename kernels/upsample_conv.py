@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._launch import channel_blocks, check_tensors, kept_per_weight, pow2
+from ._launch import channel_blocks, check_tensors, k_block, kept_per_weight, pow2
 
 __all__ = ["phase_taps", "phase_weights", "upsample2x_conv2d", "upsample2x_conv2d_reference"]
 
@@ -177,8 +177,7 @@ def upsample2x_conv2d(
         raise ValueError(f"block_m must be a power of two >= 16 and block_w a power of two dividing it, got "
                          f"{block_m} and {block_w}")
     block_n, block_n2 = channel_blocks(CO)
-    # the largest of 64, 32, 16 dividing C in at most 128-byte rows (32 channels of fp32)
-    block_k = next(k for k in (64, 32, 16) if C % k == 0 and k * x.element_size() <= 128)
+    block_k = k_block(C, 128 // x.element_size())  # in at most 128-byte rows (32 channels of fp32)
     if out is None:
         out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     taps = phase_taps(weight, x.dtype)
