@@ -378,9 +378,7 @@ class CausalConv3d(nn.Conv3d):
         for cuDNN's 9-output conv2d and the tap sums (benchmarks/RESULTS.md)."""
         from kernels.few_outputs_conv import few_outputs_conv3d
 
-        b, c, t, h, w = shape
-        frames = _zero_ring(torch.empty((b, t, h + 2, w + 2, c), **like))
-        fill(_inside(frames))
+        frames = _padded_chunk(shape, like, fill)
         out, pending = few_outputs_conv3d(frames, self.weight, self.bias, _taken(cache, self))
         if cache is not None:
             cache.past[self] = pending
@@ -399,8 +397,7 @@ class CausalConv3d(nn.Conv3d):
         b, c, t, h, w = shape
         p = self.past_frames
         past = _taken(cache, self) or (torch.zeros((b, 1, h + 2, w + 2, c), **like),) * p
-        chunk = _zero_ring(torch.empty((b, t, h + 2, w + 2, c), **like))
-        fill(_inside(chunk))
+        chunk = _padded_chunk(shape, like, fill)
         if cache is not None:
             cache.past[self] = ((*past, *chunk.split(1, dim=1))[-p:] if t <= p
                                 else chunk[:, -p:].clone().split(1, dim=1))
@@ -422,16 +419,16 @@ def _normed(out: torch.Tensor, then_norm: tuple[RMSNorm, torch.Tensor] | None) -
     return out if then_norm is None else then_norm[0](out, silu=True, out=then_norm[1])
 
 
-def _zero_ring(frames: torch.Tensor) -> torch.Tensor:
-    """Zero the outer ring of padded frames (B, F, H + 2, W + 2, C): the first and last row and column."""
-    frames[:, :, 0::frames.shape[2] - 1].zero_()
-    frames[:, :, 1:-1, 0::frames.shape[3] - 1].zero_()
+def _padded_chunk(shape: tuple[int, ...], like: dict, fill: Callable[[torch.Tensor], object]) -> torch.Tensor:
+    """The chunk (B, C, T, H, W) of `shape` that `fill` writes, as the padded frames (B, T, H + 2, W + 2, C) the
+    Triton convs read: `fill` gets their inside (a (B, C, T, H, W) view), the outer ring of rows and columns is zeros
+    (the convs' spatial padding)."""
+    b, c, t, h, w = shape
+    frames = torch.empty((b, t, h + 2, w + 2, c), **like)
+    frames[:, :, 0::h + 1].zero_()  # the first and last row
+    frames[:, :, 1:-1, 0::w + 1].zero_()  # the first and last column
+    fill(frames[:, :, 1:-1, 1:-1].permute(0, 4, 1, 2, 3))
     return frames
-
-
-def _inside(frames: torch.Tensor) -> torch.Tensor:
-    """The (B, C, F, H, W) view of padded frames (B, F, H + 2, W + 2, C) without their ring."""
-    return frames[:, :, 1:-1, 1:-1].permute(0, 4, 1, 2, 3)
 
 
 class RMSNorm(nn.Module):
