@@ -98,6 +98,16 @@ def seconds(start: Mark, end: Mark) -> float:
     return end - start
 
 
+def upload(x: Tensor, device: torch.device) -> Tensor:
+    """x as float32 on `device`, without the host waiting for the device: torch copies from pageable host memory to
+    CUDA and then waits for the stream, which held the host at every chunk until the cache refresh it had just queued
+    was done, with nothing else queued behind it. From pinned memory the copy is queued like any kernel (torch keeps
+    the pinned block until the copy has run)."""
+    if device.type == "cuda" and x.device.type == "cpu":
+        return x.float().pin_memory().to(device, non_blocking=True)
+    return x.to(device, torch.float32)
+
+
 def now(device: torch.device) -> float:
     """Wall-clock seconds once the device's queued work is done (for whole-request timings)."""
     if device.type == "cuda":
@@ -474,7 +484,7 @@ class LatentStream:
             z = self.noise[:, :, start:start + size]
         else:
             z = torch.randn((self.batch, cfg.in_channels, size, self.height, self.width), generator=self.rng)
-        return Begun(k, start, z.to(device, torch.float32), schedule, position, recomputed, (t0, mark(device)))
+        return Begun(k, start, upload(z, device), schedule, position, recomputed, (t0, mark(device)))
 
     def batch_key(self, begun: Begun) -> tuple | None:
         """Chunks of equal keys can be denoised in one forward per step (None: this one cannot)."""

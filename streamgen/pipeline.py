@@ -154,17 +154,16 @@ class Pipeline:
         """Frames (B, F, H, W, 3) uint8 of a chunk, decoded on the side stream on CUDA: it waits for this chunk's
         latents only, so the next chunk's denoising (already queued on the main stream) runs alongside. Raises
         NonFiniteError when the latents hold NaN or Inf (read after the host copy, so the check adds no wait)."""
-        if self._decode_stream is None:
+        stream = self._decode_stream
+        if stream is not None:
+            stream.wait_event(chunk.ready)
+            chunk.latents.record_stream(stream)
+        with torch.cuda.stream(stream):  # None (CPU): no stream to switch to
             finite = torch.isfinite(chunk.latents).all()
-            frames = to_uint8_frames(decoder.decode(chunk.latents))
-        else:
-            self._decode_stream.wait_event(chunk.ready)
-            with torch.cuda.stream(self._decode_stream):
-                chunk.latents.record_stream(self._decode_stream)
-                finite = torch.isfinite(chunk.latents).all()
-                frames = to_uint8_frames(decoder.decode(chunk.latents))  # the host copy waits for this stream only
-        if not bool(finite):
-            raise NonFiniteError(f"chunk {chunk.index}: the latents hold NaN or Inf")
+            frames = to_uint8_frames(decoder.decode(chunk.latents))  # the host copy waits for this stream only
+            # Read on this stream too: on the generator's, the host would wait for the next chunk's queued work.
+            if not bool(finite):
+                raise NonFiniteError(f"chunk {chunk.index}: the latents hold NaN or Inf")
         return frames
 
     def generate(self, prompt, **kwargs) -> np.ndarray:

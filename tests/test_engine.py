@@ -3,7 +3,7 @@ import torch
 
 from streamgen import Generator, Schedule
 from streamgen.cache import context_layout
-from streamgen.engine import chunk_sizes
+from streamgen.engine import chunk_sizes, upload
 from streamgen.model import Run
 from streamgen.schedule import jump
 
@@ -197,3 +197,14 @@ def test_next_chunks_falls_back_to_one_by_one_when_the_shared_forward_fails(tiny
         assert [c.batch for c in made] == [1, 1]
         for i in range(2):
             torch.testing.assert_close(made[i].latents, expected[i][k], atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the copy that must not wait is a CUDA one")
+def test_noise_upload_does_not_wait_for_the_device():
+    x = torch.randn(2, 16, 3, 60, 104)
+    busy = torch.cuda.Event()
+    torch.cuda._sleep(2_000_000_000)  # a second or so of GPU work queued ahead of the copy
+    busy.record()
+    y = upload(x, torch.device("cuda"))
+    assert not busy.query(), "upload waited for the queued GPU work"
+    assert y.dtype == torch.float32 and torch.equal(y.cpu(), x)

@@ -85,3 +85,17 @@ def test_top_level_load_streams_the_builtin_model():
     frames = np.concatenate([c.frames for c in chunks], axis=1)
     assert frames.shape == (1, 9, 64, 64, 3) and frames.dtype == np.uint8
     np.testing.assert_array_equal(frames, pipe.generate("a red circle moving right", steps=1, seed=0, num_frames=9))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the decode's own stream is a CUDA one")
+def test_decode_waits_for_its_chunk_not_for_work_queued_after_it():
+    cuda = Pipeline.load(None, device="cuda")
+    embeds = cuda.prompt_embeds("a red circle")
+    chunk = next(cuda.generator.stream(embeds, height=8, width=8, num_frames=8, steps=1, seed=0))
+    torch.cuda.synchronize()
+    later = torch.cuda.Event()
+    torch.cuda._sleep(2_000_000_000)  # the next chunk's work, queued on the generator's stream
+    later.record()
+    frames = cuda.decode_chunk(cuda.vae.stream_decoder(), chunk)
+    assert not later.query(), "the decode waited for the generator's queued work"
+    assert frames.shape == (1, 1, 64, 64, 3)
