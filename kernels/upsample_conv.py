@@ -142,7 +142,7 @@ def upsample2x_conv2d(
     block_m: int = 128,
     block_w: int | None = None,
     num_warps: int = 4,
-    num_stages: int = 3,
+    num_stages: int = 2,
 ) -> torch.Tensor:
     """conv2d(nearest 2x upsampling of x, weight, bias, padding=1) without the upsampled input or a phase tensor.
 
@@ -153,6 +153,11 @@ def upsample2x_conv2d(
     phase's 4 C products summed in fp32 (IEEE products for float32 inputs, not tf32), plus the bias, rounded once.
     ``block_m`` (input positions per program), ``block_w`` (of which along a row; by default the width of 16, 8, 32
     whose tiles fit the frame best), ``num_warps``, ``num_stages``: launch settings, for tuning. Returns ``out``.
+
+    Two pipeline stages: with three (Triton 3.6, H100) the 384-channel upsamplers' results changed from run to run
+    whenever another stream kept the GPU busy (the decoder beside the generator: the streamed frames were not
+    reproducible), with two or four they never did; two cost 0.15 ms on a 12-frame 120x208 chunk (1.30 against
+    1.15 ms; benchmarks/results/upsample_race_session15.txt).
     """
     if x.dim() != 4:
         raise ValueError(f"x must be (N, C, H, W), got {tuple(x.shape)}")
