@@ -3,9 +3,10 @@
     python -m benchmarks.gpu        # from the repository root on a CUDA machine; JSON and markdown go under $OUT
 
 Sections (each can be skipped): kernels (benchmarks/kernels.py), correctness of the fast path against the plain torch
-path on final latents, latency of the 1.3B stream per step budget, A/B of the fast path's parts, 14B latency, VAE decode
-(run first, in a fresh process, so its peaks are its own). Before and after them the machine's bf16 GEMM rate and copy
-bandwidth are measured, so that runs on different machines of one kind can be read against each other.
+path on final latents (and the same seed giving the same frames), latency of the 1.3B stream per step budget, A/B of
+the fast path's parts, 14B latency, VAE decode (run first, in a fresh process, so its peaks are its own). Before and
+after them the machine's bf16 GEMM rate and copy bandwidth are measured, so that runs on different machines of one
+kind can be read against each other.
 The short table comes last.
 """
 
@@ -24,6 +25,8 @@ import torch
 from streamgen import model as model_module
 from streamgen import vae as vae_module
 from streamgen.bench import markdown, plot, random_pipeline, run_budget, vae_decode_case
+from streamgen.engine import chunk_sizes
+from streamgen.vae import to_uint8_frames
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,6 +54,20 @@ def correctness(pipe, prompt, steps: int) -> dict:
         del os.environ["STREAMGEN_ATTENTION"]
     return {"steps": steps, "rel_l2_fast_vs_torch": rel_l2(fast, ref), "rel_l2_triton_attention_vs_torch":
             rel_l2(triton_attn, ref), "finite": bool(torch.isfinite(fast).all())}
+
+
+def reproducible(pipe, prompt, steps: int) -> dict:
+    """The same seed must give the same frames: two end-to-end streams (the decode beside the generator, on its own
+    stream) against each other and against the streamed latents decoded alone, chunk by chunk."""
+    first = pipe.generate(prompt, steps=steps, seed=0)
+    again = pipe.generate(prompt, steps=steps, seed=0)
+    frames, h, w = pipe.latent_size(480, 832, 81)
+    latents = pipe.generator.generate(prompt, height=h, width=w, num_frames=frames, steps=steps, seed=0)
+    sizes = chunk_sizes(pipe.transformer.config.chunk_partition, frames)
+    alone = to_uint8_frames(pipe.vae.decode(latents, latents_per_chunk=sizes))
+    return {"frames_equal_run_to_run": bool((first == again).all()),
+            "frames_equal_decode_alone": bool((first == alone).all()),
+            "max_abs_diff_decode_alone": int(abs(first.astype(int) - alone.astype(int)).max())}
 
 
 def vae_decode(device: torch.device) -> dict:
@@ -182,6 +199,11 @@ def main() -> None:
         print("correctness:", c, flush=True)
         summary.append(f"fast path vs torch path, 4 steps, final latents: rel L2 {c['rel_l2_fast_vs_torch']:.2e} "
                        f"(Triton attention: {c['rel_l2_triton_attention_vs_torch']:.2e}; target < 2e-2)")
+        report["reproducible"] = r = reproducible(pipe, prompt, 4)
+        print("reproducible:", r, flush=True)
+        summary.append(f"same seed, same frames (4 steps, end to end): run to run {r['frames_equal_run_to_run']}, "
+                       f"against the latents decoded alone {r['frames_equal_decode_alone']} (max |diff| "
+                       f"{r['max_abs_diff_decode_alone']})")
 
     # The correctness runs' other kernel choices captured graphs of their own: dropped, so they neither hold memory
     # in the peaks below nor push the default path's graphs out of the runner's LRU. Then a warm-up: autotuning,
