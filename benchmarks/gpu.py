@@ -2,9 +2,9 @@
 
     python -m benchmarks.gpu        # from the repository root on a CUDA machine; JSON and markdown go under $OUT
 
-Sections (each can be skipped): kernels (benchmarks/kernels.py), correctness of the fast path against the plain torch
-path on final latents (and the same seed giving the same frames), latency of the 1.3B stream per step budget, A/B of
-the fast path's parts, 14B latency, VAE decode (run first, in a fresh process, so its peaks are its own). Before and
+Sections (each can be skipped), in order: VAE decode (first, in a fresh process, so its peaks are its own), correctness
+of the fast path against the plain torch path on final latents (and the same seed giving the same frames), latency of
+the 1.3B stream per step budget, A/B of the fast path's parts, 14B latency, kernels (benchmarks/kernels.py). Before and
 after them the machine's bf16 GEMM rate and copy bandwidth are measured, so that runs on different machines of one
 kind can be read against each other.
 The short table comes last.
@@ -13,6 +13,7 @@ The short table comes last.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -29,6 +30,16 @@ from streamgen.engine import chunk_sizes
 from streamgen.vae import to_uint8_frames
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextlib.contextmanager
+def timed_section(name: str, report: dict, out: Path):
+    """Prints how long a section took and writes the report so far: the whole run has to fit one device call, and
+    one that does not keeps what it measured."""
+    t = time.perf_counter()
+    yield
+    print(f"[{name} section {time.perf_counter() - t:.0f}s]", flush=True)
+    (out / "gpu.json").write_text(json.dumps(report, indent=2, default=str))
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -177,33 +188,30 @@ def main() -> None:
     print("machine at start:", report["machine_at_start"], flush=True)
     summary: list[str] = []
 
-    if "kernels" not in args.skip:
-        t = time.perf_counter()
-        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels.py")], check=False)
-        print(f"[kernels section {time.perf_counter() - t:.0f}s]", flush=True)
-
     if "vae" not in args.skip:
-        report["vae_decode"] = vae_decode(device)
-        torch.cuda.empty_cache()
-        paths = {k: v for k, v in report["vae_decode"].items() if "seconds" in v}
-        summary.append("VAE streaming decode of 81 frames (480x832, bf16), chunked like the stream (s / peak GiB): "
-                       + "; ".join(f"{k} {v['seconds']:.3f} / {v['peak_gib']:.2f}" for k, v in paths.items())
-                       + f"; upsampling layers: {report['vae_decode']['upsampling layers of a 3-latent chunk']}")
+        with timed_section("vae", report, out):
+            report["vae_decode"] = vae_decode(device)
+            torch.cuda.empty_cache()
+            paths = {k: v for k, v in report["vae_decode"].items() if "seconds" in v}
+            summary.append("VAE streaming decode of 81 frames (480x832, bf16), chunked like the stream (s / peak GiB): "
+                           + "; ".join(f"{k} {v['seconds']:.3f} / {v['peak_gib']:.2f}" for k, v in paths.items())
+                           + f"; upsampling layers: {report['vae_decode']['upsampling layers of a 3-latent chunk']}")
 
     pipe = random_pipeline("1.3B", device, torch.bfloat16)
     prompt = torch.randn(1, 512, 4096, device=device, dtype=torch.bfloat16)
 
     if "correctness" not in args.skip:
-        report["correctness"] = correctness(pipe, prompt, 4)
-        c = report["correctness"]
-        print("correctness:", c, flush=True)
-        summary.append(f"fast path vs torch path, 4 steps, final latents: rel L2 {c['rel_l2_fast_vs_torch']:.2e} "
-                       f"(Triton attention: {c['rel_l2_triton_attention_vs_torch']:.2e}; target < 2e-2)")
-        report["reproducible"] = r = reproducible(pipe, prompt, 4)
-        print("reproducible:", r, flush=True)
-        summary.append(f"same seed, same frames (4 steps, end to end): run to run {r['frames_equal_run_to_run']}, "
-                       f"against the latents decoded alone {r['frames_equal_decode_alone']} (max |diff| "
-                       f"{r['max_abs_diff_decode_alone']})")
+        with timed_section("correctness", report, out):
+            report["correctness"] = correctness(pipe, prompt, 4)
+            c = report["correctness"]
+            print("correctness:", c, flush=True)
+            summary.append(f"fast path vs torch path, 4 steps, final latents: rel L2 {c['rel_l2_fast_vs_torch']:.2e} "
+                           f"(Triton attention: {c['rel_l2_triton_attention_vs_torch']:.2e}; target < 2e-2)")
+            report["reproducible"] = r = reproducible(pipe, prompt, 4)
+            print("reproducible:", r, flush=True)
+            summary.append(f"same seed, same frames (4 steps, end to end): run to run {r['frames_equal_run_to_run']}, "
+                           f"against the latents decoded alone {r['frames_equal_decode_alone']} (max |diff| "
+                           f"{r['max_abs_diff_decode_alone']})")
 
     # The correctness runs' other kernel choices captured graphs of their own: dropped, so they neither hold memory
     # in the peaks below nor push the default path's graphs out of the runner's LRU. Then a warm-up: autotuning,
@@ -212,66 +220,74 @@ def main() -> None:
     torch.cuda.empty_cache()
     run_budget(pipe, 1, prompt, 480, 832, 81)
     if "latency" not in args.skip:
-        results = []
-        for steps in args.steps:
-            results.append(run_budget(pipe, steps, prompt, 480, 832, 81))
-            r = results[-1]
-            print(f"1.3B steps {steps}: first {r.first_frame_s:.3f}s fps {r.fps:.1f} (latents {r.fps_latents:.1f}) "
-                  f"chunks {[round(c, 3) for c in r.chunk_s]} decode {[round(d, 3) for d in r.decode_s]} "
-                  f"peak {r.peak_gib:.2f} GiB, graphs captured so far {pipe.transformer.cuda_graphs.captures}",
-                  flush=True)
-        report["latency_1.3B"] = [vars(r) | {"fps": r.fps, "fps_latents": r.fps_latents} for r in results]
-        table = markdown(results, f"1.3B, 480x832, 81 frames, bf16, {report['device']}, torch {torch.__version__}")
-        (out / "latency_1.3B.md").write_text(table + "\n")
-        plot(results, f"1.3B, 480x832, 81 frames, bf16, {report['device']}", out / "latency_1.3B.png")
-        summary.append(table)
+        with timed_section("latency", report, out):
+            results = []
+            for steps in args.steps:
+                results.append(run_budget(pipe, steps, prompt, 480, 832, 81))
+                r = results[-1]
+                print(f"1.3B steps {steps}: first {r.first_frame_s:.3f}s fps {r.fps:.1f} (latents {r.fps_latents:.1f}) "
+                      f"chunks {[round(c, 3) for c in r.chunk_s]} decode {[round(d, 3) for d in r.decode_s]} "
+                      f"peak {r.peak_gib:.2f} GiB, graphs captured so far {pipe.transformer.cuda_graphs.captures}",
+                      flush=True)
+            report["latency_1.3B"] = [vars(r) | {"fps": r.fps, "fps_latents": r.fps_latents} for r in results]
+            table = markdown(results, f"1.3B, 480x832, 81 frames, bf16, {report['device']}, torch {torch.__version__}")
+            (out / "latency_1.3B.md").write_text(table + "\n")
+            plot(results, f"1.3B, 480x832, 81 frames, bf16, {report['device']}", out / "latency_1.3B.png")
+            summary.append(table)
 
     if "ab" not in args.skip:
-        def ab_run() -> dict:
-            """A 4-step stream, the second of two: the first builds what this variant has not used yet (graphs,
-            cuDNN plans, compiled kernels for new shapes)."""
-            run_budget(pipe, 4, prompt, 480, 832, 81)
-            r = run_budget(pipe, 4, prompt, 480, 832, 81)
-            return {"fps": r.fps, "fps_latents": r.fps_latents, "first_frame_s": r.first_frame_s,
-                    "peak_gib": r.peak_gib}
+        with timed_section("ab", report, out):
+            def ab_run() -> dict:
+                """A 4-step stream, the second of two: the first builds what this variant has not used yet (graphs,
+                cuDNN plans, compiled kernels for new shapes)."""
+                run_budget(pipe, 4, prompt, 480, 832, 81)
+                r = run_budget(pipe, 4, prompt, 480, 832, 81)
+                return {"fps": r.fps, "fps_latents": r.fps_latents, "first_frame_s": r.first_frame_s,
+                        "peak_gib": r.peak_gib}
 
-        ab = {}
-        for backend in ("cudnn", "sdpa", "triton"):  # cudnn: the default on Hopper
-            os.environ["STREAMGEN_ATTENTION"] = backend
-            ab[backend] = ab_run()
-            del os.environ["STREAMGEN_ATTENTION"]
-        model_module.set_fused_kernels(False)
-        ab["torch elementwise"] = ab_run()
-        model_module.set_fused_kernels(True)
-        pipe.transformer.cuda_graphs.enabled = False
-        ab["no CUDA graphs"] = ab_run()
-        pipe.transformer.cuda_graphs.enabled = True
-        default = pipe.vae.decode_pass_frames  # 2 video frames per decode pass
-        for frames in (None, 4, 1):  # whole chunks (more memory), and other pass sizes
-            pipe.vae.decode_pass_frames = frames
-            ab[f"decode {frames or 'whole chunks'} frame{'s' if frames != 1 else ''} per pass"] = ab_run()
-        pipe.vae.decode_pass_frames = default
-        report["ab_4_steps"] = ab
-        print("A/B 4 steps:", ab, flush=True)
-        summary.append("A/B at 4 steps (fps end to end / latents only): " + ", ".join(
-            f"{k} {v['fps']:.1f}/{v['fps_latents']:.1f}" for k, v in ab.items())
-            + "; peak GiB: " + ", ".join(f"{k} {v['peak_gib']:.1f}" for k, v in ab.items()))
+            ab = {}
+            for backend in ("cudnn", "sdpa", "triton"):  # cudnn: the default on Hopper
+                os.environ["STREAMGEN_ATTENTION"] = backend
+                ab[backend] = ab_run()
+                del os.environ["STREAMGEN_ATTENTION"]
+            model_module.set_fused_kernels(False)
+            ab["torch elementwise"] = ab_run()
+            model_module.set_fused_kernels(True)
+            pipe.transformer.cuda_graphs.enabled = False
+            ab["no CUDA graphs"] = ab_run()
+            pipe.transformer.cuda_graphs.enabled = True
+            default = pipe.vae.decode_pass_frames  # 2 video frames per decode pass
+            for frames in (None, 4, 1):  # whole chunks (more memory), and other pass sizes
+                pipe.vae.decode_pass_frames = frames
+                ab[f"decode {frames or 'whole chunks'} frame{'s' if frames != 1 else ''} per pass"] = ab_run()
+            pipe.vae.decode_pass_frames = default
+            report["ab_4_steps"] = ab
+            print("A/B 4 steps:", ab, flush=True)
+            summary.append("A/B at 4 steps (fps end to end / latents only): " + ", ".join(
+                f"{k} {v['fps']:.1f}/{v['fps_latents']:.1f}" for k, v in ab.items())
+                + "; peak GiB: " + ", ".join(f"{k} {v['peak_gib']:.1f}" for k, v in ab.items()))
 
     del pipe
     torch.cuda.empty_cache()
     if "14B" not in args.skip:
-        pipe = random_pipeline("14B", device, torch.bfloat16)
-        run_budget(pipe, 1, prompt, 480, 832, 81)
-        results = [run_budget(pipe, s, prompt, 480, 832, 81) for s in (1, 4)]
-        for r in results:
-            print(f"14B steps {r.steps}: first {r.first_frame_s:.3f}s fps {r.fps:.1f} (latents {r.fps_latents:.1f}) "
-                  f"chunks {[round(c, 3) for c in r.chunk_s]} peak {r.peak_gib:.2f} GiB", flush=True)
-        report["latency_14B"] = [vars(r) | {"fps": r.fps, "fps_latents": r.fps_latents} for r in results]
-        table = markdown(results, f"14B, 480x832, 81 frames, bf16, {report['device']}, torch {torch.__version__}")
-        (out / "latency_14B.md").write_text(table + "\n")
-        summary.append(table)
-        del pipe
-        torch.cuda.empty_cache()
+        with timed_section("14B", report, out):
+            pipe = random_pipeline("14B", device, torch.bfloat16)
+            run_budget(pipe, 1, prompt, 480, 832, 81)
+            results = [run_budget(pipe, s, prompt, 480, 832, 81) for s in (1, 4)]
+            for r in results:
+                print(f"14B steps {r.steps}: first {r.first_frame_s:.3f}s fps {r.fps:.1f} "
+                      f"(latents {r.fps_latents:.1f}) chunks {[round(c, 3) for c in r.chunk_s]} "
+                      f"peak {r.peak_gib:.2f} GiB", flush=True)
+            report["latency_14B"] = [vars(r) | {"fps": r.fps, "fps_latents": r.fps_latents} for r in results]
+            table = markdown(results, f"14B, 480x832, 81 frames, bf16, {report['device']}, torch {torch.__version__}")
+            (out / "latency_14B.md").write_text(table + "\n")
+            summary.append(table)
+            del pipe
+            torch.cuda.empty_cache()
+
+    if "kernels" not in args.skip:  # last: a run that outlasts its call keeps everything above (gpu.json)
+        with timed_section("kernels", report, out):
+            subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels.py")], check=False)
 
     report["machine_at_end"] = machine_probe(device)
     summary.insert(0, "machine (bf16 GEMM 8192^3 TFLOP/s, device copy TB/s), at start / at end: " + " / ".join(
