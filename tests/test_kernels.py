@@ -633,8 +633,11 @@ def test_padded_conv3d_two_frames_per_program(t, norm, residual):
         assert (out[:, :, t] == 7.0).all()  # the frame after the last is not written
         outs.append(out[:, :, :t])
     assert weight in conv3d.pair_taps.kept  # the two-frame kernel ran
-    # without the norm the same sums in the same order; the norm's squares are summed in other groups of channels
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-6 if norm else 0, atol=1e-6 if norm else 0)
+    # On the GPU without the norm: the same sums in the same order. The norm's squares are summed in other groups of
+    # channels, and the interpreter's dot is numpy's matmul, whose order of summation depends on the matrices' widths
+    # (two frames' 192 stacked columns against one frame's 96; seen with Triton 3.9 and numpy 2.4).
+    exact = not norm and not INTERPRET
+    torch.testing.assert_close(outs[0], outs[1], rtol=0 if exact else 1e-6, atol=0 if exact else 1e-6)
     ref = padded_conv3d_reference(f64(*windows), weight.double(), *f64(bias, r), norm_silu=f64(gamma)[0])
     torch.testing.assert_close(outs[0].double(), ref, rtol=1e-5, atol=1e-5)
     weight48 = rand(48, c, 3, 3, 3, scale=(27 * c) ** -0.5)
