@@ -9,14 +9,13 @@ bit for bit with its first replay.
 """
 
 import torch
+from decode_under_load_session15 import under_load
 
 import kernels.conv3d as conv3d
 import kernels.few_outputs_conv as few
 import kernels.upsample_conv as upsample
 from streamgen.bench import vae_decode_case
 
-LOAD = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-SINK = torch.empty_like(LOAD)
 calls: dict[tuple, tuple] = {}
 
 
@@ -73,15 +72,8 @@ def main() -> None:
         for (name, args, kwargs), (fn, a, k) in calls.items():
             ref = result(fn, a, k)
             alone = [torch.equal(result(fn, a, k), ref) for _ in range(6)]
-            loaded = []
-            for _ in range(6):
-                torch.cuda.synchronize()
-                for _ in range(40):
-                    torch.mm(LOAD, LOAD, out=SINK)
-                with torch.cuda.stream(side):
-                    x = result(fn, a, k)
-                torch.cuda.synchronize()
-                loaded.append((x - ref).abs().max().item())
+            loaded = [(under_load(lambda fn=fn, a=a, k=k: result(fn, a, k), side, 40) - ref).abs().max().item()
+                      for _ in range(6)]
             flags = {key: v for key, v in kwargs if not isinstance(v, tuple) or len(v) != 3}
             print(f"{name} args {args} {flags}: alone equal {sum(alone)}/6; under load max |diff| {loaded}",
                   flush=True)

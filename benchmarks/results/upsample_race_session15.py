@@ -8,12 +8,11 @@ reference, and its time (triton do_bench, median ms).
 """
 
 import torch
+from decode_under_load_session15 import under_load
 from triton.testing import do_bench
 
 from kernels.upsample_conv import upsample2x_conv2d, upsample2x_conv2d_reference
 
-LOAD = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-SINK = torch.empty_like(LOAD)
 SHAPES = ((1, 384, 120, 208, 192), (4, 384, 120, 208, 192), (12, 384, 120, 208, 192), (2, 384, 60, 104, 192),
           (12, 384, 60, 104, 192), (2, 192, 240, 416, 96), (12, 192, 240, 416, 96))
 SETTINGS = ({}, {"block_w": 8}, {"block_w": 32}, {"num_stages": 2}, {"num_stages": 4}, {"num_warps": 8})
@@ -30,15 +29,7 @@ def main() -> None:
             run = lambda x=x, conv=conv, setting=setting: upsample2x_conv2d(x, conv.weight, conv.bias, **setting)  # noqa: E731
             first = run()
             alone = sum(torch.equal(run(), first) for _ in range(8))
-            loaded = 0
-            for _ in range(8):
-                torch.cuda.synchronize()
-                for _ in range(20):
-                    torch.mm(LOAD, LOAD, out=SINK)
-                with torch.cuda.stream(side):
-                    y = run()
-                torch.cuda.synchronize()
-                loaded += torch.equal(y, first)
+            loaded = sum(torch.equal(under_load(run, side, 20), first) for _ in range(8))
             err = (first.float() - ref).abs().max().item()
             ms = do_bench(run, warmup=5, rep=40)
             print(f"{n}x{c}x{h}x{w} -> {o} {setting or 'default'}: equal alone {alone}/8, under load {loaded}/8; "
