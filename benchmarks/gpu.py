@@ -46,8 +46,9 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def correctness(pipe, prompt, steps: int) -> dict:
-    """Final latents of the whole 81-frame stream: fused kernels + default attention vs plain torch + SDPA."""
+def correctness(pipe, prompt, steps: int) -> tuple[dict, torch.Tensor]:
+    """Final latents of the whole 81-frame stream: fused kernels + default attention vs plain torch + SDPA. Returns
+    the comparison and the default path's latents."""
     latent_frames, h, w = pipe.latent_size(480, 832, 81)
     kwargs = dict(height=h, width=w, num_frames=latent_frames, steps=steps, seed=0)
     fast = pipe.generator.generate(prompt, **kwargs)
@@ -64,17 +65,16 @@ def correctness(pipe, prompt, steps: int) -> dict:
     finally:
         del os.environ["STREAMGEN_ATTENTION"]
     return {"steps": steps, "rel_l2_fast_vs_torch": rel_l2(fast, ref), "rel_l2_triton_attention_vs_torch":
-            rel_l2(triton_attn, ref), "finite": bool(torch.isfinite(fast).all())}
+            rel_l2(triton_attn, ref), "finite": bool(torch.isfinite(fast).all())}, fast
 
 
-def reproducible(pipe, prompt, steps: int) -> dict:
+def reproducible(pipe, prompt, steps: int, latents: torch.Tensor) -> dict:
     """The same seed must give the same frames: two end-to-end streams (the decode beside the generator, on its own
-    stream) against each other and against the streamed latents decoded alone, chunk by chunk."""
+    stream) against each other and against `latents` (the same stream's, seed 0, from `correctness`) decoded alone,
+    chunk by chunk."""
     first = pipe.generate(prompt, steps=steps, seed=0)
     again = pipe.generate(prompt, steps=steps, seed=0)
-    frames, h, w = pipe.latent_size(480, 832, 81)
-    latents = pipe.generator.generate(prompt, height=h, width=w, num_frames=frames, steps=steps, seed=0)
-    sizes = chunk_sizes(pipe.transformer.config.chunk_partition, frames)
+    sizes = chunk_sizes(pipe.transformer.config.chunk_partition, latents.shape[2])
     alone = to_uint8_frames(pipe.vae.decode(latents, latents_per_chunk=sizes))
     return {"frames_equal_run_to_run": bool((first == again).all()),
             "frames_equal_decode_alone": bool((first == alone).all()),
@@ -202,12 +202,12 @@ def main() -> None:
 
     if "correctness" not in args.skip:
         with timed_section("correctness", report, out):
-            report["correctness"] = correctness(pipe, prompt, 4)
+            report["correctness"], latents = correctness(pipe, prompt, 4)
             c = report["correctness"]
             print("correctness:", c, flush=True)
             summary.append(f"fast path vs torch path, 4 steps, final latents: rel L2 {c['rel_l2_fast_vs_torch']:.2e} "
                            f"(Triton attention: {c['rel_l2_triton_attention_vs_torch']:.2e}; target < 2e-2)")
-            report["reproducible"] = r = reproducible(pipe, prompt, 4)
+            report["reproducible"] = r = reproducible(pipe, prompt, 4, latents)
             print("reproducible:", r, flush=True)
             summary.append(f"same seed, same frames (4 steps, end to end): run to run {r['frames_equal_run_to_run']}, "
                            f"against the latents decoded alone {r['frames_equal_decode_alone']} (max |diff| "
